@@ -1,0 +1,179 @@
+"""Audio I/O shared by every stage: decode any container, resample, FLAC bytes.
+
+``decode`` reads wav, flac, mp3, ogg/vorbis, opus, m4a/aac (anything FFmpeg
+reads, through PyAV) into ``float32[C, N]`` at the file's own rate. Failures
+raise ``AudioError`` with a short reason code and a message naming the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from pathlib import Path
+
+import numpy as np
+
+# Integer sample formats and the value that maps to full scale.
+_INT_SCALE = {"s16": 32768.0, "s16p": 32768.0, "s32": 2147483648.0, "s32p": 2147483648.0,
+              "s64": 9.223372036854776e18, "s64p": 9.223372036854776e18}
+
+
+class AudioError(Exception):
+    """An input that cannot be used as audio; ``reason`` is a short code."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def _frame_to_array(frame) -> np.ndarray:
+    """One PyAV audio frame -> float32[C, n]."""
+    a = frame.to_ndarray()
+    channels = len(frame.layout.channels)
+    if not frame.format.is_planar:
+        a = a.reshape(-1, channels).T  # packed (1, n*C) -> (C, n)
+    name = frame.format.name
+    if name in ("u8", "u8p"):
+        return ((a.astype(np.float32) - 128.0) / 128.0)
+    if name in _INT_SCALE:
+        return (a.astype(np.float64) / _INT_SCALE[name]).astype(np.float32)
+    return a.astype(np.float32, copy=False)
+
+
+def decode(path: str | Path, max_seconds: float | None = None) -> tuple[np.ndarray, int]:
+    """Decode the first audio stream of ``path``.
+
+    Args:
+        path: any file FFmpeg can read.
+        max_seconds: stop after this much audio (None reads all of it).
+
+    Returns:
+        (float32[C, N], sample_rate) at the file's own rate and channel count.
+
+    Raises:
+        AudioError: reason ``decode_error`` (not a readable media file),
+            ``no_audio`` (no audio stream) or ``empty`` (no samples).
+    """
+    import av  # deferred: PyAV loads FFmpeg, which is slow to import
+
+    name = str(path)
+    if Path(name).is_file() and Path(name).stat().st_size == 0:
+        raise AudioError("empty", f"{name}: the file is empty (0 bytes)")
+    try:
+        container = av.open(name)
+    except Exception as e:  # PyAV raises many FFmpeg error types
+        raise AudioError("decode_error", f"{name}: not a readable audio file ({_short(e)})") from e
+    with container:
+        if not container.streams.audio:
+            raise AudioError("no_audio", f"{name}: the file has no audio stream")
+        stream = container.streams.audio[0]
+        rate = stream.rate or stream.codec_context.sample_rate
+        limit = int(max_seconds * rate) if max_seconds and rate else None
+        parts, total = [], 0
+        try:
+            for frame in container.decode(stream):
+                a = _frame_to_array(frame)
+                parts.append(a)
+                total += a.shape[1]
+                if limit is not None and total >= limit:
+                    break
+        except Exception as e:
+            if not parts:
+                raise AudioError("decode_error", f"{name}: decoding failed ({_short(e)})") from e
+            # A truncated file decodes up to the damage; keep what was readable.
+        if not parts or total == 0:
+            raise AudioError("empty", f"{name}: the audio stream holds no samples")
+        rate = frame.sample_rate or rate
+        declared = _declared_samples(name, stream)
+    if limit is None and declared and total < 0.99 * declared - 0.05 * rate:
+        raise AudioError("truncated", f"{name}: truncated: the header declares "
+                                      f"{declared / rate:.2f} s but only {total / rate:.2f} s "
+                                      f"could be decoded")
+    x = np.concatenate(parts, axis=1)
+    if limit is not None:
+        x = x[:, :limit]
+    return x, int(rate)
+
+
+def _declared_samples(name: str, stream) -> int | None:
+    """Sample count a lossless file's header promises (None where unknown or inexact)."""
+    codec = stream.codec_context.name
+    if codec == "flac" and stream.duration and stream.time_base:
+        return int(stream.duration * stream.time_base * stream.rate)
+    if codec.startswith("pcm_") and name.lower().endswith((".wav", ".wave")):
+        return _riff_data_frames(name, stream)
+    return None
+
+
+def _riff_data_frames(name: str, stream) -> int | None:
+    """Frames the WAV 'data' chunk header declares (FFmpeg trusts the file size)."""
+    with open(name, "rb") as f:
+        head = f.read(1 << 16)
+    if head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+        return None
+    pos, block = 12, None
+    while pos + 8 <= len(head):
+        cid, size = head[pos:pos + 4], int.from_bytes(head[pos + 4:pos + 8], "little")
+        if cid == b"fmt ":
+            block = int.from_bytes(head[pos + 20:pos + 22], "little")  # bytes per frame
+        if cid == b"data":
+            if not block or size in (0, 0xFFFFFFFF):  # streamed WAVs leave it unset
+                return None
+            return size // block
+        pos += 8 + size + (size & 1)
+    return None
+
+
+def _short(e: Exception) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0][:200]
+
+
+def resample(x: np.ndarray, rate_in: int, rate_out: int) -> np.ndarray:
+    """Resample ``float32[N]`` with soxr (high quality, deterministic)."""
+    if rate_in == rate_out:
+        return x.astype(np.float32, copy=False)
+    import soxr
+
+    return soxr.resample(x.astype(np.float32, copy=False), rate_in, rate_out, quality="HQ")
+
+
+def quantize(x: np.ndarray, bits: int = 16) -> np.ndarray:
+    """float32 in [-1, 1] -> int16 or int32 PCM (24-bit values in int32), rounded."""
+    if bits == 16:
+        return np.clip(np.round(x * 32767.0), -32768, 32767).astype(np.int16)
+    if bits == 24:
+        return np.clip(np.round(x * 8388607.0), -8388608, 8388607).astype(np.int32) << 8
+    raise ValueError(f"flac_bits must be 16 or 24, got {bits}")
+
+
+def encode_flac(pcm: np.ndarray, rate: int, bits: int = 16) -> bytes:
+    """int PCM from ``quantize`` -> FLAC bytes (deterministic for the same input)."""
+    import soundfile as sf
+
+    buf = io.BytesIO()
+    subtype = "PCM_16" if bits == 16 else "PCM_24"
+    sf.write(buf, pcm, rate, format="FLAC", subtype=subtype)
+    return buf.getvalue()
+
+
+def decode_flac(data: bytes) -> tuple[np.ndarray, int]:
+    """FLAC bytes -> (float32[N] mono or float32[N, C], rate)."""
+    import soundfile as sf
+
+    x, rate = sf.read(io.BytesIO(data), dtype="float32")
+    return x, int(rate)
+
+
+def pcm_hash(pcm: np.ndarray) -> str:
+    """sha256 of the PCM bytes: equal for exactly equal decoded audio."""
+    return hashlib.sha256(np.ascontiguousarray(pcm).tobytes()).hexdigest()
+
+
+def file_hash(path: str | Path, block: int = 1 << 20) -> str:
+    """sha256 of a file's bytes, read in blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()

@@ -1,0 +1,141 @@
+"""The shard format shared by every stage: deterministic WebDataset tars.
+
+A shard is a plain tar whose members are ``{key}.{field}``; WebDataset groups
+consecutive members with the same key into one sample. Headers carry no
+time, owner or mode from the machine, so the same samples give the same bytes
+everywhere. Writes go to a temporary name first and are renamed into place,
+so a reader (or a resumed run) never sees half a shard.
+
+Paths may be local or any fsspec URL (``s3://``, ``gs://``, ``file://``).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+import uuid
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import fsspec
+
+
+def _fs(path: str | Path):
+    return fsspec.core.url_to_fs(str(path))
+
+
+def _is_local(fs) -> bool:
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol
+    return "file" in protocols
+
+
+def exists(path: str | Path) -> bool:
+    fs, p = _fs(path)
+    return fs.exists(p)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so the file appears whole or not at all."""
+    fs, p = _fs(path)
+    parent = p.rsplit("/", 1)[0] if "/" in p else "."
+    fs.makedirs(parent, exist_ok=True)
+    if _is_local(fs):
+        tmp = f"{p}.tmp-{uuid.uuid4().hex[:8]}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+    else:  # object stores publish an upload only once it is complete
+        with fs.open(p, "wb") as f:
+            f.write(data)
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    """Write ``obj`` as sorted, indented JSON (stable bytes) atomically."""
+    text = json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+    atomic_write_bytes(path, text.encode())
+
+
+def tar_bytes(samples: Iterable[tuple[str, Mapping[str, bytes]]]) -> bytes:
+    """Build a deterministic tar from ``(key, {field: bytes})`` samples.
+
+    Keys must not contain dots (WebDataset splits the member name at the first
+    dot); fields are written in sorted order.
+    """
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for key, fields in samples:
+            if "." in key or "/" in key:
+                raise ValueError(f"shard key {key!r} must not contain '.' or '/'")
+            for field in sorted(fields):
+                data = fields[field]
+                info = tarfile.TarInfo(f"{key}.{field}")
+                info.size = len(data)
+                info.mtime = 0
+                info.mode = 0o644
+                info.uid = info.gid = 0
+                info.uname = info.gname = ""
+                tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def write_shard(path: str | Path, samples: Iterable[tuple[str, Mapping[str, bytes]]]) -> None:
+    """Write one shard atomically."""
+    atomic_write_bytes(path, tar_bytes(samples))
+
+
+def member_names(path: str | Path) -> list[str]:
+    """Member names of a tar, reading headers only."""
+    fs, p = _fs(path)
+    with fs.open(p, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
+        return [m.name for m in tar]
+
+
+def iter_samples(path: str | Path, fields: tuple[str, ...] | None = None
+                 ) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Read ``(key, {field: bytes})`` samples back from a shard, in order.
+
+    ``fields`` limits which members are read (the others are skipped unread).
+    """
+    fs, p = _fs(path)
+    want = set(fields) if fields is not None else None
+    key, found = None, {}
+    with fs.open(p, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
+        for m in tar:
+            k, _, field = m.name.partition(".")
+            if key is not None and k != key:
+                yield key, found
+                found = {}
+            key = k
+            if want is None or field in want:
+                found[field] = tar.extractfile(m).read()
+    if key is not None:
+        yield key, found
+
+
+def write_parquet(path: str | Path, table) -> None:
+    """Write a pyarrow Table to Parquet atomically (deterministic bytes)."""
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def read_parquet(path: str | Path):
+    """Read a Parquet file (local or fsspec URL) into a pyarrow Table."""
+    import pyarrow.parquet as pq
+
+    fs, p = _fs(path)
+    with fs.open(p, "rb") as f:
+        return pq.read_table(f)
+
+
+def local_path(path: str | Path) -> Path | None:
+    """The local Path of ``path`` if it is on the local file system, else None."""
+    fs, p = _fs(path)
+    return Path(p) if _is_local(fs) else None

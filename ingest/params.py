@@ -1,0 +1,96 @@
+"""Hyperparameter dataclasses of the ingest stage (sections ``demo`` and ``ingest``).
+
+Loaded from ``params.yaml`` with ``cantus.config.load_section``; every key is
+required and unknown keys are rejected by name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cantus.config import ConfigError
+
+
+def _require(ok: bool, key: str, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"'{key}' {why}")
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """The embedded demo corpus: music21 scores rendered through a GM SoundFont."""
+
+    seed: int                 # every random choice (pieces, instruments, tempo, transposition)
+    num_pieces: int           # how many renderings to make
+    max_seconds: float        # each rendering is cut at this length
+    sample_rate: int          # render rate (24 kHz for the MusicLM stages)
+    collections: tuple[str, ...]  # music21 corpus collections to draw from
+
+    def __post_init__(self):
+        _require(self.num_pieces > 0, "demo.num_pieces", "must be positive")
+        _require(self.max_seconds > 0, "demo.max_seconds", "must be positive")
+        _require(self.sample_rate >= 8000, "demo.sample_rate", "must be at least 8000")
+        _require(len(self.collections) > 0, "demo.collections", "must name a collection")
+
+
+@dataclass(frozen=True)
+class DownloadConfig:
+    """yt-dlp downloads of URL lists and MusicCaps sections."""
+
+    url_template: str         # MusicCaps ytid -> URL, e.g. https://www.youtube.com/watch?v={ytid}
+    concurrency: int          # downloads in flight at once
+    retries: int              # attempts after the first failure
+    backoff_s: float          # first retry delay; doubles after each failure
+    timeout_s: float          # socket timeout per request
+    cookies: str              # path of a cookies.txt file, "" for none
+    proxy: str                # proxy URL, "" for none
+    format: str               # yt-dlp format selector (audio only)
+
+    def __post_init__(self):
+        _require("{ytid}" in self.url_template, "ingest.download.url_template",
+                 "must contain {ytid}")
+        _require(self.concurrency >= 1, "ingest.download.concurrency", "must be at least 1")
+        _require(self.retries >= 0, "ingest.download.retries", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    """Decode, clean, chunk, de-duplicate, split and shard."""
+
+    seed: int
+    sample_rate: int          # output rate
+    min_sample_rate: int      # inputs recorded below this rate are rejected
+    loudness_lufs: float      # integrated loudness target
+    peak_limit: float         # after gain, peaks are scaled down to this
+    silence_dbfs: float       # an input whose RMS is below this is silent
+    clip_fraction: float      # fraction of samples at full scale that counts as clipped
+    min_seconds: float        # shortest input kept
+    max_seconds: float        # longest input read (the rest is ignored)
+    chunk_seconds: float      # chunk length
+    hop_seconds: float        # distance between chunk starts
+    min_chunk_seconds: float  # a trailing chunk shorter than this is dropped
+    near_dup_threshold: float # cosine similarity of fingerprints above which chunks are duplicates
+    valid_fraction: float     # share of source tracks in the valid split
+    shard_max_samples: int    # chunks per shard
+    flac_bits: int            # 16 or 24
+    num_workers: int          # parallel workers; 0 = all cores
+    executor: str             # "ray" or "local" (in-process, for debugging)
+    download: DownloadConfig
+
+    def __post_init__(self):
+        k = "ingest."
+        _require(self.sample_rate >= 8000, k + "sample_rate", "must be at least 8000")
+        _require(self.chunk_seconds > 0, k + "chunk_seconds", "must be positive")
+        _require(0 < self.hop_seconds, k + "hop_seconds", "must be positive")
+        _require(0 < self.min_chunk_seconds <= self.chunk_seconds, k + "min_chunk_seconds",
+                 "must be in (0, chunk_seconds]")
+        _require(0 < self.min_seconds <= self.max_seconds, k + "min_seconds",
+                 "must be in (0, max_seconds]")
+        _require(0 < self.near_dup_threshold <= 1, k + "near_dup_threshold", "must be in (0, 1]")
+        _require(0 <= self.valid_fraction < 1, k + "valid_fraction", "must be in [0, 1)")
+        _require(0 < self.clip_fraction <= 1, k + "clip_fraction", "must be in (0, 1]")
+        _require(0 < self.peak_limit <= 1, k + "peak_limit", "must be in (0, 1]")
+        _require(self.shard_max_samples >= 1, k + "shard_max_samples", "must be at least 1")
+        _require(self.flac_bits in (16, 24), k + "flac_bits", "must be 16 or 24")
+        _require(self.num_workers >= 0, k + "num_workers", "must be >= 0 (0 = all cores)")
+        _require(self.executor in ("ray", "local"), k + "executor", "must be 'ray' or 'local'")

@@ -1,0 +1,175 @@
+"""Enumerate ingest inputs: local folders or globs, with their captions.
+
+Goes in: folder paths or glob patterns, and optional captions tables (CSV or
+JSONL keyed by path). Comes out: a sorted list of input records (plain dicts,
+so they travel to Ray workers as they are)::
+
+    {"uri", "kind", "path", "caption", "tags", "licence", "meta",
+     "start_s", "end_s", "error"}
+
+``error`` is None for a usable input, or ``(reason, message)`` for an input
+that is rejected before decoding (an unsupported file type, a bad CSV row, a
+failed download); such an input still reaches the rejects table.
+
+Captions come, in order of precedence, from a sidecar next to the audio
+(``song.json`` with caption/tags/licence, or ``song.txt`` holding the caption),
+then from a captions table passed in or found in the folder
+(``captions.jsonl`` / ``captions.csv``), keyed by path relative to the table.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+AUDIO_EXTS = {".wav", ".wave", ".flac", ".mp3", ".ogg", ".oga", ".opus",
+              ".m4a", ".aac", ".mp4", ".webm", ".aif", ".aiff"}
+SIDECAR_EXTS = (".json", ".txt")
+CAPTION_TABLES = ("captions.jsonl", "captions.csv")
+
+
+def new_input(uri: str, kind: str, **fields: Any) -> dict[str, Any]:
+    """An input record with every field present."""
+    rec = {"uri": uri, "kind": kind, "path": None, "caption": "", "tags": [],
+           "licence": "", "meta": {}, "start_s": None, "end_s": None, "error": None}
+    unknown = set(fields) - set(rec)
+    if unknown:
+        raise TypeError(f"unknown input fields {sorted(unknown)}")
+    rec.update(fields)
+    return rec
+
+
+def read_caption_table(path: Path) -> dict[str, dict[str, Any]]:
+    """Read a captions CSV/JSONL into {resolved path: {caption, tags, licence, ...}}."""
+    rows: list[dict[str, Any]] = []
+    if path.suffix == ".jsonl":
+        with path.open(encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from e
+    elif path.suffix == ".csv":
+        with path.open(encoding="utf-8", newline="") as f:
+            rows = list(csv.DictReader(f))
+    else:
+        raise ValueError(f"{path}: captions table must be .jsonl or .csv")
+    table = {}
+    for n, row in enumerate(rows, 1):
+        if "path" not in row or "caption" not in row:
+            raise ValueError(f"{path}: row {n} needs 'path' and 'caption' columns")
+        key = os.path.normpath(os.path.join(path.parent, row["path"]))
+        table[os.path.abspath(key)] = row
+    return table
+
+
+def _caption_from_sidecar(audio: Path) -> dict[str, Any] | None:
+    js, txt = audio.with_suffix(".json"), audio.with_suffix(".txt")
+    if js.is_file():
+        try:
+            data = json.loads(js.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            log.warning("%s: sidecar is not valid JSON (%s); ignoring it", js, e)
+            return None
+        return data if isinstance(data, dict) else {"caption": str(data)}
+    if txt.is_file():
+        return {"caption": txt.read_text(encoding="utf-8", errors="replace").strip()}
+    return None
+
+
+def _expand(spec: str) -> tuple[list[Path], Path | None]:
+    """A folder (recursive) or a glob -> (files, folder that may hold caption tables)."""
+    p = Path(spec)
+    if p.is_dir():
+        return sorted(q for q in p.rglob("*") if q.is_file()), p
+    if p.is_file():
+        return [p], None
+    matches = sorted(Path(m) for m in glob.glob(spec, recursive=True))
+    return [m for m in matches if m.is_file()], None
+
+
+def _is_hidden(path: Path, root: Path | None) -> bool:
+    rel = path.relative_to(root) if root else Path(path.name)
+    return any(part.startswith(".") for part in rel.parts)
+
+
+def local_inputs(specs: list[str], caption_files: list[str] = ()) -> list[dict[str, Any]]:
+    """List every file under ``specs`` as an input record (sorted by path).
+
+    Sidecars and caption tables are not inputs. Any other file with an
+    extension that is not audio becomes an input with an ``unsupported_type``
+    error, so nothing in a folder is silently skipped.
+    """
+    captions: dict[str, dict[str, Any]] = {}
+    for cf in caption_files:
+        captions.update(read_caption_table(Path(cf)))
+    files: dict[str, Path] = {}
+    for spec in specs:
+        found, root = _expand(spec)
+        if not found:
+            raise FileNotFoundError(f"source {spec!r}: no such folder, file or glob match")
+        if root is not None:
+            for name in CAPTION_TABLES:
+                if (root / name).is_file():
+                    captions.update(read_caption_table(root / name))
+        for f in found:
+            if not _is_hidden(f, root):
+                files[os.path.abspath(f)] = f
+    table_paths = {os.path.abspath(cf) for cf in caption_files}
+    audio_stems = {str(Path(k).with_suffix("")) for k in files
+                   if Path(k).suffix.lower() in AUDIO_EXTS}
+    inputs = []
+    for key in sorted(files):
+        f = Path(key)
+        if f.name in CAPTION_TABLES or key in table_paths:
+            continue
+        ext = f.suffix.lower()
+        if ext in SIDECAR_EXTS and str(f.with_suffix("")) in audio_stems:
+            continue
+        rec = new_input(key, "local", path=key)
+        if ext not in AUDIO_EXTS:
+            hint = " (headerless raw PCM: add a WAV header)" if ext in (".raw", ".pcm") else ""
+            rec["error"] = ("unsupported_type",
+                            f"{key}: unsupported file type '{ext or '(none)'}'{hint}")
+        else:
+            _apply_caption(rec, _caption_from_sidecar(f) or captions.get(key))
+        inputs.append(rec)
+    return inputs
+
+
+def _apply_caption(rec: dict[str, Any], info: dict[str, Any] | None) -> None:
+    if not info:
+        return
+    rec["caption"] = str(info.get("caption") or "")
+    tags = info.get("tags") or []
+    if isinstance(tags, str):  # CSV cell: "a; b; c" or JSON text
+        try:
+            tags = json.loads(tags)
+        except json.JSONDecodeError:
+            tags = [t.strip() for t in tags.replace(";", ",").split(",") if t.strip()]
+    rec["tags"] = tags
+    rec["licence"] = str(info.get("licence") or info.get("license") or "")
+    rec["meta"] = {k: v for k, v in info.items()
+                   if k not in ("caption", "tags", "licence", "license", "path")}
+
+
+def flat_tags(tags: Any) -> list[str]:
+    """Tags as a flat list of strings, from a list or a {field: value(s)} dict."""
+    out: list[str] = []
+    if isinstance(tags, dict):
+        for v in tags.values():
+            out.extend(flat_tags(v))
+    elif isinstance(tags, (list, tuple)):
+        for v in tags:
+            out.extend(flat_tags(v))
+    elif tags is not None and str(tags) != "":
+        out.append(str(tags))
+    return out

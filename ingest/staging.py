@@ -1,0 +1,90 @@
+"""Per-input results cached on disk, so a rerun never redoes finished inputs.
+
+``process_task(record, cfg, staging_dir)`` runs ``process_file`` on one input
+and stores the outcome as ``{staging_dir}/{key}.tar``: the chunks' FLAC bytes,
+their fingerprints and a JSON summary. The key hashes the file's content and
+the input's section; ``staging_dir`` is named by ``processing_hash(cfg)``, the
+params that change per-input results, so changing e.g. the loudness target
+recomputes while changing the split fraction does not. It returns the small
+summary only; audio stays on disk until shards are written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from typing import Any
+
+import numpy as np
+
+from cantus import audio, shards
+from cantus.config import config_hash
+from cantus.ingest.params import IngestConfig
+from cantus.ingest.process import process_file
+
+# Params that change what process_file produces for one input.
+_PROCESSING_KEYS = ("sample_rate", "min_sample_rate", "loudness_lufs", "peak_limit",
+                    "silence_dbfs", "clip_fraction", "min_seconds", "max_seconds",
+                    "chunk_seconds", "hop_seconds", "min_chunk_seconds", "flac_bits")
+_FORMAT_VERSION = 1
+
+
+def processing_hash(cfg: IngestConfig) -> str:
+    picked = {k: getattr(cfg, k) for k in _PROCESSING_KEYS}
+    picked["format"] = _FORMAT_VERSION
+    return config_hash(picked)
+
+
+def _staging_key(source_hash: str, rec: dict[str, Any]) -> str:
+    section = f"{rec.get('start_s')}:{rec.get('end_s')}:{bool(rec['meta'].get('needs_trim'))}"
+    return hashlib.sha256(f"{source_hash}|{section}".encode()).hexdigest()[:32]
+
+
+def process_task(rec: dict[str, Any], cfg: IngestConfig, staging_dir: str) -> dict[str, Any]:
+    """Process (or load from the cache) one input; returns its summary."""
+    try:
+        source_hash = audio.file_hash(rec["path"])
+    except OSError as e:
+        return {"reject": ["read_error", f"{rec['path']}: cannot read ({e.strerror or e})"],
+                "chunks": [], "seconds_in": 0.0, "cached": False, "staging": None}
+    path = f"{staging_dir}/{_staging_key(source_hash, rec)}.tar"
+    if shards.exists(path):
+        summary = load_summary(path)
+        summary["cached"] = True
+        return summary
+    res = process_file(rec, cfg)
+    summary = {
+        "source_hash": res.source_hash, "seconds_in": res.seconds_in,
+        "sample_rate_in": res.sample_rate_in, "channels_in": res.channels_in,
+        "loudness_in": None if res.loudness_in != res.loudness_in else res.loudness_in,
+        "reject": list(res.reject) if res.reject else None,
+        "chunks": [{"key": c.key, "offset": c.offset, "length": c.length,
+                    "pcm_hash": c.pcm_hash} for c in res.chunks],
+    }
+    fp = np.stack([c.fingerprint for c in res.chunks]) if res.chunks else np.zeros((0, 0))
+    buf = io.BytesIO()
+    np.save(buf, fp.astype(np.float32))
+    samples = [("summary", {"json": json.dumps(summary, sort_keys=True).encode(),
+                            "npy": buf.getvalue()})]
+    samples += [(c.key, {"flac": c.flac}) for c in res.chunks]
+    shards.write_shard(path, samples)
+    summary["fingerprints"] = fp.astype(np.float32)
+    summary.update(cached=False, staging=path)
+    return summary
+
+
+def load_summary(path: str) -> dict[str, Any]:
+    """Read the summary (with fingerprints) of a staging file, skipping the audio."""
+    for key, fields in shards.iter_samples(path):
+        if key == "summary":
+            summary = json.loads(fields["json"])
+            summary["fingerprints"] = np.load(io.BytesIO(fields["npy"]))
+            summary["staging"] = path
+            return summary
+    raise ValueError(f"{path}: staging file has no summary")
+
+
+def load_flac(path: str, keys: set[str]) -> dict[str, bytes]:
+    """FLAC bytes of the chunks ``keys`` from one staging file."""
+    return {k: f["flac"] for k, f in shards.iter_samples(path) if k in keys}
