@@ -52,7 +52,8 @@ def decode(path: str | Path, max_seconds: float | None = None) -> tuple[np.ndarr
 
     Raises:
         AudioError: reason ``decode_error`` (not a readable media file),
-            ``no_audio`` (no audio stream) or ``empty`` (no samples).
+            ``no_audio`` (no audio stream), ``empty`` (a 0-byte file) or
+            ``truncated`` (a lossless file shorter than its header says).
     """
     import av  # deferred: PyAV loads FFmpeg, which is slow to import
 
@@ -82,10 +83,12 @@ def decode(path: str | Path, max_seconds: float | None = None) -> tuple[np.ndarr
                 raise AudioError("decode_error", f"{name}: decoding failed ({_short(e)})") from e
             # A truncated file decodes up to the damage; keep what was readable.
         if not parts or total == 0:
-            raise AudioError("empty", f"{name}: the audio stream holds no samples")
+            raise AudioError("decode_error", f"{name}: no decodable audio samples "
+                                             "(damaged, or not audio)")
         rate = frame.sample_rate or rate
         declared = _declared_samples(name, stream)
-    if limit is None and declared and total < 0.99 * declared - 0.05 * rate:
+    expected = min(declared, limit) if declared and limit else declared
+    if expected and total < 0.99 * expected - 0.05 * rate:
         raise AudioError("truncated", f"{name}: truncated: the header declares "
                                       f"{declared / rate:.2f} s but only {total / rate:.2f} s "
                                       f"could be decoded")

@@ -89,7 +89,8 @@ def run(cfg: IngestConfig, inputs: Inputs, out: str | Path, cache: str | Path,
         prog.shards_skipped += skipped
         prog.shards_written += not skipped
     stats = plan.stats()
-    stats_run = {"inputs_cached": prog.cached_inputs, "shards_skipped": prog.shards_skipped,
+    stats_run = {"inputs_cached": prog.cached_inputs, "inputs_processed": prog.processed_inputs,
+                 "shards_skipped": prog.shards_skipped,
                  "shards_written": prog.shards_written}
     shards.write_parquet(f"{out}/manifest.parquet", plan.manifest_table())
     shards.write_parquet(f"{out}/rejects.parquet", plan.rejects_table())

@@ -1,0 +1,49 @@
+"""Shared fixtures: audio made in code, a quick ingest config, a tiny run helper."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from cantus.config import load_section
+from cantus.ingest.params import IngestConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def melody(seed: int, seconds: float, rate: int = 44100, amp: float = 0.2) -> np.ndarray:
+    """A seeded random melody of short two-note chords: float32[N]."""
+    rng = np.random.default_rng(seed)
+    note = int(0.25 * rate)
+    out = []
+    t = np.arange(note) / rate
+    env = np.hanning(note)
+    for _ in range(int(np.ceil(seconds / 0.25))):
+        f = 220 * 2 ** (rng.integers(0, 12) / 12)
+        out.append(amp * env * (np.sin(2 * np.pi * f * t) + 0.5 * np.sin(3 * np.pi * f * t)))
+    return np.concatenate(out)[: int(seconds * rate)].astype(np.float32)
+
+
+def write(path: Path, x: np.ndarray, rate: int = 44100, **kw) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(str(path), x, rate, **kw)
+    return path
+
+
+@pytest.fixture
+def cfg() -> IngestConfig:
+    """The project's ingest params, made quick for tests (in-process executor)."""
+    base = load_section(ROOT / "params.yaml", "ingest", IngestConfig)
+    return dataclasses.replace(base, executor="local", num_workers=1, chunk_seconds=10.0,
+                               hop_seconds=10.0, min_chunk_seconds=2.0, shard_max_samples=3,
+                               valid_fraction=0.3)
+
+
+def read_dir_bytes(path: Path) -> dict[str, bytes]:
+    """Every file under ``path`` (relative name -> bytes), for byte-identity checks."""
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*"))
+            if p.is_file()}
