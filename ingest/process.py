@@ -56,24 +56,18 @@ def chunk_key(source_hash: str, offset: int, length: int, rate: int) -> str:
     return hashlib.sha256(blob).hexdigest()[:32]
 
 
-def process_file(rec: dict[str, Any], cfg: IngestConfig) -> Processed:
-    """Decode, check, normalise and chunk the file of input record ``rec``."""
+def process_file(rec: dict[str, Any], cfg: IngestConfig, source_hash: str) -> Processed:
+    """Decode, check, normalise and chunk the file of input record ``rec``.
+
+    ``source_hash`` is the sha256 of the file's bytes (``audio.file_hash``).
+    """
     path = rec["path"]
-    out = Processed()
-    try:
-        out.source_hash = audio.file_hash(path)
-    except OSError as e:
-        out.reject = ("read_error", f"{path}: cannot read ({e.strerror or e})")
-        return out
-    start = rec.get("start_s") or 0.0
-    limit = cfg.max_seconds + start
-    try:
-        x, rate = audio.decode(path, max_seconds=limit)
+    out = Processed(source_hash=source_hash)
+    try:  # a downloaded section is already cut to [start_s, end_s]
+        x, rate = audio.decode(path, max_seconds=cfg.max_seconds)
     except audio.AudioError as e:
         out.reject = (e.reason, str(e))
         return out
-    if rec.get("meta", {}).get("needs_trim") and (start or rec.get("end_s")):
-        x = _trim(x, rate, start, rec.get("end_s"))
     out.sample_rate_in, out.channels_in = rate, x.shape[0]
     out.seconds_in = x.shape[1] / rate
     out.reject = _check_raw(path, x, rate, cfg)
@@ -89,12 +83,6 @@ def process_file(rec: dict[str, Any], cfg: IngestConfig) -> Processed:
         out.reject = ("too_short", f"{path}: {out.seconds_in:.2f} s gives no chunk of at least "
                                    f"{cfg.min_chunk_seconds} s")
     return out
-
-
-def _trim(x: np.ndarray, rate: int, start: float, end: float | None) -> np.ndarray:
-    a = int(round(start * rate))
-    b = x.shape[1] if end is None else int(round(end * rate))
-    return x[:, a:b]
 
 
 def _check_raw(path: str, x: np.ndarray, rate: int, cfg: IngestConfig) -> tuple[str, str] | None:

@@ -107,14 +107,12 @@ def gather(cfg: IngestConfig, inputs: Inputs, cache: Path) -> list[dict[str, Any
     """Every input as a record, remote ones downloaded into the cache."""
     records = sources.local_inputs(list(inputs.local), list(inputs.captions))
     remote: list[dict[str, Any]] = []
-    if inputs.urls or inputs.musiccaps:
-        from cantus.ingest import remote as remote_mod
-
-        for path in inputs.urls:
-            remote.extend(remote_mod.url_list_inputs(path))
-        for path in inputs.musiccaps:
-            remote.extend(remote_mod.musiccaps_inputs(path, cfg.download.url_template))
-        remote_mod.fetch_all(remote, cfg.download, cache / "downloads")
+    for path in inputs.urls:
+        remote.extend(sources.url_inputs(path))
+    for path in inputs.musiccaps:
+        remote.extend(sources.musiccaps_inputs(path, cfg.download.url_template))
+    if remote:
+        sources.fetch_remote(remote, cfg.download, cache / "downloads")
     records.extend(remote)
     records.sort(key=lambda r: (r["uri"], r["start_s"] or 0.0, r["end_s"] or 0.0))
     return records

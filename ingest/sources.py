@@ -173,3 +173,65 @@ def flat_tags(tags: Any) -> list[str]:
     elif tags is not None and str(tags) != "":
         out.append(str(tags))
     return out
+
+
+def url_inputs(path: str) -> list[dict[str, Any]]:
+    """Input records of a URL list (``URL`` or ``URL<TAB>caption`` per line)."""
+    from cantus.ingest.url_lists import read_url_list
+
+    recs = []
+    for item in read_url_list(path):
+        uri = item["url"] or f"{path}:{item['line']}"
+        rec = new_input(uri, "url", caption=item["caption"],
+                        meta={"url": item["url"], "list": str(path), "line": item["line"]})
+        if item.get("error"):
+            rec["error"] = ("bad_row", f"{uri}: {path} line {item['line']}: {item['error']}")
+        recs.append(rec)
+    return recs
+
+
+def musiccaps_inputs(path: str, url_template: str) -> list[dict[str, Any]]:
+    """Input records of a MusicCaps-format CSV: one section of one video per row."""
+    from cantus.ingest.url_lists import read_musiccaps
+
+    recs = []
+    for item in read_musiccaps(path, url_template):
+        start, end = item["start_s"], item["end_s"]
+        uri = item["url"] if start is None else f"{item['url']}#t={start:g},{end:g}"
+        meta = {k: item[k] for k in ("ytid", "url", "audioset_labels", "author_id",
+                                     "is_balanced_subset", "is_audioset_eval", "line")}
+        meta["csv"] = str(path)
+        rec = new_input(uri, "musiccaps", caption=item["caption"], tags=item["aspect_list"],
+                        licence=item.get("licence", ""), meta=meta, start_s=start, end_s=end)
+        if item.get("error"):
+            rec["error"] = ("bad_row", f"{uri}: {path} line {item['line']}: {item['error']}")
+        recs.append(rec)
+    return recs
+
+
+def fetch_remote(records: list[dict[str, Any]], cfg, cache_dir: Path) -> None:
+    """Download every remote record into the cache; set its ``path`` or its ``error``."""
+    from cantus.ingest.download import download_all
+
+    todo = [r for r in records if r["error"] is None]
+    requests = [{"url": r["meta"]["url"], "start_s": r["start_s"], "end_s": r["end_s"]}
+                for r in todo]
+    for rec, got in zip(todo, download_all(requests, cfg, cache_dir)):
+        if isinstance(got, Exception):
+            rec["error"] = ("download_failed", f"{rec['uri']}: {getattr(got, 'reason', got)}")
+            continue
+        rec["path"] = str(got)
+        info = _download_info(Path(got))
+        rec["meta"].update({k: info[k] for k in ("title", "uploader", "duration")
+                            if info.get(k) is not None})
+        if not rec["licence"] and info.get("license"):
+            rec["licence"] = str(info["license"])
+
+
+def _download_info(media: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(media.with_suffix(".json").read_text())
+    except (OSError, ValueError):
+        return {}
+    info = data.get("info", data)
+    return info if isinstance(info, dict) else {}

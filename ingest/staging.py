@@ -2,8 +2,8 @@
 
 ``process_task(record, cfg, staging_dir)`` runs ``process_file`` on one input
 and stores the outcome as ``{staging_dir}/{key}.tar``: the chunks' FLAC bytes,
-their fingerprints and a JSON summary. The key hashes the file's content and
-the input's section; ``staging_dir`` is named by ``processing_hash(cfg)``, the
+their fingerprints and a JSON summary. The key is the file's content hash
+(a downloaded section is its own file); ``staging_dir`` is named by ``processing_hash(cfg)``, the
 params that change per-input results, so changing e.g. the loudness target
 recomputes while changing the split fraction does not. It returns the small
 summary only; audio stays on disk until shards are written.
@@ -11,7 +11,6 @@ summary only; audio stays on disk until shards are written.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 from typing import Any
@@ -36,11 +35,6 @@ def processing_hash(cfg: IngestConfig) -> str:
     return config_hash(picked)
 
 
-def _staging_key(source_hash: str, rec: dict[str, Any]) -> str:
-    section = f"{rec.get('start_s')}:{rec.get('end_s')}:{bool(rec['meta'].get('needs_trim'))}"
-    return hashlib.sha256(f"{source_hash}|{section}".encode()).hexdigest()[:32]
-
-
 def process_task(rec: dict[str, Any], cfg: IngestConfig, staging_dir: str) -> dict[str, Any]:
     """Process (or load from the cache) one input; returns its summary."""
     try:
@@ -48,12 +42,12 @@ def process_task(rec: dict[str, Any], cfg: IngestConfig, staging_dir: str) -> di
     except OSError as e:
         return {"reject": ["read_error", f"{rec['path']}: cannot read ({e.strerror or e})"],
                 "chunks": [], "seconds_in": 0.0, "cached": False, "staging": None}
-    path = f"{staging_dir}/{_staging_key(source_hash, rec)}.tar"
+    path = f"{staging_dir}/{source_hash[:32]}.tar"
     if shards.exists(path):
         summary = load_summary(path)
         summary["cached"] = True
         return summary
-    res = process_file(rec, cfg)
+    res = process_file(rec, cfg, source_hash)
     summary = {
         "source_hash": res.source_hash, "seconds_in": res.seconds_in,
         "sample_rate_in": res.sample_rate_in, "channels_in": res.channels_in,
