@@ -24,20 +24,26 @@ log = logging.getLogger(__name__)
 
 def init_ray(num_cpus: int = 0) -> None:
     """Start a loopback-only local Ray, or join the cluster named by RAY_ADDRESS."""
-    # Ray reads this in every process it starts; it makes a single-machine
-    # instance bind 127.0.0.1 instead of the machine's network address.
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    address = os.environ.get("RAY_ADDRESS")
+    if not address:
+        # With this set, Ray's node address is 127.0.0.1 and every server of a
+        # single-machine instance binds loopback. Ray reads it at import time
+        # (and each process it starts inherits it), so also set the constant
+        # in case ray was imported before this call.
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     import ray
 
     if ray.is_initialized():
         return
-    address = os.environ.get("RAY_ADDRESS")
     if address:
         log.info("joining Ray cluster at %s", address)
         ray.init(address=address, log_to_driver=False)
-    else:
-        ray.init(num_cpus=num_cpus or None, include_dashboard=False,
-                 log_to_driver=False, _node_ip_address="127.0.0.1")
+        return
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    ray.init(num_cpus=num_cpus or None, include_dashboard=False, log_to_driver=False,
+             _node_ip_address="127.0.0.1")
 
 
 def map_unordered(fn: Callable[..., Any], items: Iterable[Any], *, executor: str = "local",

@@ -157,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"ingest: {stats['inputs']} inputs -> {stats['chunks']} chunks "
           f"({stats['hours_out']:.3f} h) in {args.out}; {stats['rejects']} rejects "
-          f"{stats['rejects_by_reason']}")
+          f"{stats['rejects_by_reason']}; {stats['inputs_cached']} inputs from the cache, "
+          f"{stats['shards_skipped']} shards already in place")
     return 0
 
 
