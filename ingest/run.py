@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,7 +71,9 @@ def run(cfg: IngestConfig, inputs: Inputs, out: str | Path, cache: str | Path,
         stats_path: str | Path | None = None) -> dict[str, Any]:
     """Run the whole stage; returns the stats dict (also written as JSON)."""
     out, cache = str(out), Path(cache)
+    clock = [time.perf_counter()]
     records = gather(cfg, inputs, cache)
+    clock.append(time.perf_counter())
     log.info("%d inputs", len(records))
     prog = _Progress()
     todo = [(i, r) for i, r in enumerate(records) if r["error"] is None]
@@ -82,12 +85,15 @@ def run(cfg: IngestConfig, inputs: Inputs, out: str | Path, cache: str | Path,
         prog.results[todo[j][0]] = res
         prog.cached_inputs += res["cached"]
         prog.processed_inputs += not res["cached"]
+    clock.append(time.perf_counter())
     plan = planning.Plan(cfg, records, prog.results)
+    clock.append(time.perf_counter())
     for name, skipped in map_unordered(planning.write_shard_task, plan.shard_jobs(out),
                                        executor=cfg.executor, max_in_flight=2 * workers,
                                        desc="shards", total=len(plan.shards)):
         prog.shards_skipped += skipped
         prog.shards_written += not skipped
+    clock.append(time.perf_counter())
     stats = plan.stats()
     stats_run = {"inputs_cached": prog.cached_inputs, "inputs_processed": prog.processed_inputs,
                  "shards_skipped": prog.shards_skipped,
@@ -96,6 +102,10 @@ def run(cfg: IngestConfig, inputs: Inputs, out: str | Path, cache: str | Path,
     shards.write_parquet(f"{out}/rejects.parquet", plan.rejects_table())
     planning.remove_stale_shards(out, plan.shards)
     shards.atomic_write_json(stats_path or f"{out}/stats.json", stats)
+    clock.append(time.perf_counter())
+    phases = ("gather", "process", "plan", "shards", "tables")
+    log.info("ingest phases: %s", ", ".join(f"{p} {b - a:.2f} s" for p, a, b
+                                            in zip(phases, clock, clock[1:])))
     log.info("ingest: %s", {**stats, **stats_run})
     if stats["chunks"] == 0:
         raise IngestError(f"all {len(records)} inputs were rejected; "
