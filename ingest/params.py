@@ -64,6 +64,7 @@ class IngestConfig:
     peak_limit: float         # after gain, peaks are scaled down to this
     silence_dbfs: float       # an input whose RMS is below this is silent
     clip_fraction: float      # fraction of samples at full scale that counts as clipped
+    trim_db: float            # leading/trailing audio this far under the peak is cut (0: off)
     min_seconds: float        # shortest input kept
     max_seconds: float        # longest input read (the rest is ignored)
     chunk_seconds: float      # chunk length
@@ -92,5 +93,6 @@ class IngestConfig:
         _require(0 < self.peak_limit <= 1, k + "peak_limit", "must be in (0, 1]")
         _require(self.shard_max_samples >= 1, k + "shard_max_samples", "must be at least 1")
         _require(self.flac_bits in (16, 24), k + "flac_bits", "must be 16 or 24")
+        _require(self.trim_db >= 0, k + "trim_db", "must be >= 0 (0 turns trimming off)")
         _require(self.num_workers >= 0, k + "num_workers", "must be >= 0 (0 = all cores)")
         _require(self.executor in ("ray", "local"), k + "executor", "must be 'ray' or 'local'")

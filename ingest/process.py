@@ -46,6 +46,7 @@ class Processed:
     sample_rate_in: int = 0
     channels_in: int = 0
     loudness_in: float = float("nan")  # LUFS before normalisation
+    trim_start: int = 0              # leading silence removed, in output samples
     chunks: list[Chunk] = field(default_factory=list)
     reject: tuple[str, str] | None = None  # (reason, message)
 
@@ -78,7 +79,13 @@ def process_file(rec: dict[str, Any], cfg: IngestConfig, source_hash: str) -> Pr
     if out.reject:
         return out
     mono, out.loudness_in = normalise(mono, cfg)
-    out.chunks = _chunks(mono, out.source_hash, cfg)
+    out.trim_start = leading_silence(mono, cfg)
+    end = mono.shape[0] - leading_silence(mono[::-1], cfg)
+    if end - out.trim_start < cfg.min_seconds * cfg.sample_rate:
+        out.reject = ("too_short", f"{path}: {(end - out.trim_start) / cfg.sample_rate:.2f} s "
+                                   f"of sound after trimming silence (minimum {cfg.min_seconds} s)")
+        return out
+    out.chunks = _chunks(mono[out.trim_start:end], out.source_hash, cfg, out.trim_start)
     if not out.chunks:
         out.reject = ("too_short", f"{path}: {out.seconds_in:.2f} s gives no chunk of at least "
                                    f"{cfg.min_chunk_seconds} s")
@@ -144,7 +151,28 @@ def normalise(mono: np.ndarray, cfg: IngestConfig) -> tuple[np.ndarray, float]:
     return y.astype(np.float32), loud
 
 
-def _chunks(mono: np.ndarray, source_hash: str, cfg: IngestConfig) -> list[Chunk]:
+def leading_silence(x: np.ndarray, cfg: IngestConfig) -> int:
+    """Samples of silence at the start: 10 ms frames whose RMS is more than
+    ``trim_db`` under the loudest frame's.
+
+    Trimming both ends aligns two uploads of one song that differ only in
+    padding, so their chunks line up for duplicate search.
+    """
+    if cfg.trim_db <= 0 or x.size == 0:
+        return 0
+    frame = max(1, cfg.sample_rate // 100)
+    n = x.shape[0] // frame
+    if n == 0:
+        return 0
+    frames = x[: n * frame].reshape(n, frame).astype(np.float64)
+    level = np.sqrt(np.mean(frames * frames, axis=1))  # (n,) RMS per frame
+    loud = np.flatnonzero(level > float(level.max()) * 10 ** (-cfg.trim_db / 20))
+    return int(loud[0] * frame) if loud.size else 0
+
+
+def _chunks(mono: np.ndarray, source_hash: str, cfg: IngestConfig, start: int = 0
+            ) -> list[Chunk]:
+    """Cut ``mono`` (which begins ``start`` samples into the source) into chunks."""
     rate = cfg.sample_rate
     size, hop = int(cfg.chunk_seconds * rate), int(cfg.hop_seconds * rate)
     min_len = int(cfg.min_chunk_seconds * rate)
@@ -155,8 +183,8 @@ def _chunks(mono: np.ndarray, source_hash: str, cfg: IngestConfig) -> list[Chunk
             break
         pcm = audio.quantize(piece, cfg.flac_bits)
         chunks.append(Chunk(
-            key=chunk_key(source_hash, offset, piece.shape[0], rate),
-            offset=offset, length=piece.shape[0],
+            key=chunk_key(source_hash, start + offset, piece.shape[0], rate),
+            offset=start + offset, length=piece.shape[0],
             flac=audio.encode_flac(pcm, rate, cfg.flac_bits),
             pcm_hash=audio.pcm_hash(pcm),
             fingerprint=fingerprint(piece, rate)))
@@ -186,7 +214,10 @@ def fingerprint(x: np.ndarray, rate: int) -> np.ndarray:
         x = np.pad(x, (0, n_fft - x.shape[0]))
     frames = np.lib.stride_tricks.sliding_window_view(x, n_fft)[::hop]  # (F, n_fft)
     spec = np.abs(np.fft.rfft(frames * np.hanning(n_fft), axis=1)) ** 2  # (F, n_fft/2+1)
-    mel = np.log(_mel_basis(rate, n_fft) @ spec.T + 1e-6)  # (bands, F)
+    mel = _mel_basis(rate, n_fft) @ spec.T  # (bands, F)
+    # A floor 40 dB under the loudest bin keeps codec noise and dither in quiet
+    # passages from deciding the fingerprint.
+    mel = np.log(mel + 1e-4 * float(mel.max()) + 1e-12)
     edges = np.linspace(0, mel.shape[1], FINGERPRINT_FRAMES + 1).astype(int)
     pooled = np.stack([mel[:, a:max(b, a + 1)].mean(axis=1)
                        for a, b in zip(edges[:-1], edges[1:])], axis=1)  # (bands, frames)

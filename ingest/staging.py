@@ -24,7 +24,7 @@ from cantus.ingest.process import process_file
 
 # Params that change what process_file produces for one input.
 _PROCESSING_KEYS = ("sample_rate", "min_sample_rate", "loudness_lufs", "peak_limit",
-                    "silence_dbfs", "clip_fraction", "min_seconds", "max_seconds",
+                    "silence_dbfs", "clip_fraction", "trim_db", "min_seconds", "max_seconds",
                     "chunk_seconds", "hop_seconds", "min_chunk_seconds", "flac_bits")
 _FORMAT_VERSION = 1
 

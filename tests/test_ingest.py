@@ -135,6 +135,9 @@ def test_duplicates_name_the_chunk_they_duplicate(tmp_path, cfg):
     write(src / "c reencode.ogg", tune.astype(np.float32) / 32768, format="OGG",
           subtype="VORBIS")
     write(src / "d other.flac", melody(12, 14))
+    # uploaded again: 0.7 s of leading silence, 6 dB quieter, MP3
+    pad = np.concatenate([np.zeros(int(0.7 * RATE)), tune.astype(np.float32) / 65536])
+    write(src / "e reupload.mp3", pad, format="MP3")
     ingest.run(cfg, ingest.Inputs(local=(str(src),)), tmp_path / "out", tmp_path / "c")
     manifest, rejects = _tables(tmp_path / "out")
     orig = {m["offset_s"]: m["key"] for m in manifest if "original" in m["source"]}
@@ -144,8 +147,9 @@ def test_duplicates_name_the_chunk_they_duplicate(tmp_path, cfg):
     for r in rejects:
         by_input.setdefault(os.path.basename(r["input"]), []).append(r)
     assert {r["reason"] for r in by_input["c reencode.ogg"]} == {"near_duplicate"}
+    assert {r["reason"] for r in by_input["e reupload.mp3"]} == {"near_duplicate"}
     assert {r["reason"] for r in by_input["b exact copy.wav"]} == {"exact_duplicate"}
-    for r in by_input["b exact copy.wav"] + by_input["c reencode.ogg"]:
+    for r in by_input["b exact copy.wav"] + by_input["c reencode.ogg"] + by_input["e reupload.mp3"]:
         assert r["duplicate_of"] in orig.values()
         assert r["duplicate_of_input"].endswith("a original.flac")
         assert r["duplicate_of"] in r["detail"]
