@@ -1,0 +1,152 @@
+"""What every trainer in Cantus shares: checkpoints, RNG state, metrics, weights.
+
+- ``Checkpoints(folder, keep)``: ``save(step, state)`` writes
+  ``step-NNNNNNNN.pt`` atomically and keeps the last ``keep``; ``latest()``
+  loads the newest with ``torch.load(weights_only=True)`` (no unpickling of
+  code). ``state`` is a dict of state dicts (models, optimisers, schedulers),
+  the data position, ``rng_state()`` and anything else made of tensors,
+  numbers, strings, lists and dicts.
+- ``rng_state()`` / ``set_rng_state()``: Python, NumPy and torch (CPU and CUDA)
+  generators, so a resumed run draws the same numbers as an uninterrupted one.
+- ``save_weights`` / ``load_weights``: a model's weights as safetensors plus
+  its config as JSON, the form other stages load by path.
+- ``Metrics(folder)``: dvclive logging that survives resume (``dvc plots``).
+- ``progress(...)``: a tqdm bar on a terminal, plain log lines otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+_STEP_RE = re.compile(r"^step-(\d{8})\.pt$")
+
+
+def rng_state() -> dict[str, Any]:
+    """Every generator's state, as tensors and plain values (weights_only-safe)."""
+    np_state = np.random.get_state()
+    state = {
+        "python": [list(random.getstate()[1]), random.getstate()[2]],
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    internal, gauss = state["python"]
+    random.setstate((3, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"],
+                         n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Checkpoints:
+    """Numbered training checkpoints in one folder, newest ``keep`` kept."""
+
+    def __init__(self, folder: str | Path, keep: int = 2):
+        self.folder, self.keep = Path(folder), max(1, keep)
+
+    def steps(self) -> list[int]:
+        if not self.folder.is_dir():
+            return []
+        return sorted(int(m[1]) for p in self.folder.iterdir() if (m := _STEP_RE.match(p.name)))
+
+    def save(self, step: int, state: dict[str, Any]) -> Path:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / f"step-{step:08d}.pt"
+        tmp = path.with_suffix(f".tmp-{os.getpid()}")
+        torch.save({"step": step, **state}, tmp)
+        os.replace(tmp, path)
+        for old in self.steps()[:-self.keep]:
+            (self.folder / f"step-{old:08d}.pt").unlink(missing_ok=True)
+        return path
+
+    def latest(self) -> dict[str, Any] | None:
+        steps = self.steps()
+        if not steps:
+            return None
+        path = self.folder / f"step-{steps[-1]:08d}.pt"
+        log.info("resuming from %s", path)
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def save_weights(model: torch.nn.Module, folder: str | Path, config: Any,
+                 extra: dict[str, Any] | None = None) -> str:
+    """Write ``model.safetensors`` and ``config.json``; returns the weights' sha256."""
+    import hashlib
+
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tmp = folder / f".model.safetensors.tmp-{os.getpid()}"
+    save_file(tensors, str(tmp))
+    os.replace(tmp, folder / "model.safetensors")
+    cfg = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
+    (folder / "config.json").write_text(json.dumps({**cfg, **(extra or {})}, indent=2,
+                                                   sort_keys=True) + "\n")
+    return hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
+
+
+def load_weights(model: torch.nn.Module, folder: str | Path, device: str = "cpu") -> None:
+    """Load ``model.safetensors`` from ``folder`` into ``model`` (strict)."""
+    from safetensors.torch import load_file
+
+    path = Path(folder) / "model.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"no model weights at {path}")
+    model.load_state_dict(load_file(str(path), device=device))
+
+
+def read_config(folder: str | Path) -> dict[str, Any]:
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no model config at {path}")
+    return json.loads(path.read_text())
+
+
+class Metrics:
+    """dvclive logger; on resume it continues the same curves from ``step``."""
+
+    def __init__(self, folder: str | Path, resume: bool, report: str | None = None):
+        from dvclive import Live
+
+        self.live = Live(str(folder), resume=resume, report=report, save_dvc_exp=False,
+                         dvcyaml=None)
+
+    def log(self, step: int, **metrics: float) -> None:
+        self.live.step = step
+        for k, v in metrics.items():
+            self.live.log_metric(k, float(v))
+        self.live.next_step()
+
+    def image(self, name: str, path: str | Path) -> None:
+        self.live.log_image(name, str(path))
+
+    def close(self) -> None:
+        self.live.end()
+
+
+def progress(total: int, initial: int = 0, desc: str = ""):
+    """A tqdm bar on a terminal (disabled otherwise: callers also log periodically)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, disable=None, dynamic_ncols=True)
