@@ -204,3 +204,22 @@ def test_finish_normalises_fades_and_rejects_silence():
     assert y.dtype == np.int16 and y[0] == round(demo.PEAK * 32767) and abs(int(y[-1])) < 50
     with pytest.raises(ValueError, match="silent"):
         demo.finish(np.zeros(100, np.float32), 24000)
+
+
+def test_demo_folder_ingests_with_its_captions_and_tags(runs, tmp_path):
+    from cantus.ingest import run as ingest
+    from cantus.ingest.params import IngestConfig
+
+    _, a, _ = runs
+    cfg = dataclasses.replace(load_section(ROOT / "params.yaml", "ingest", IngestConfig),
+                              executor="local")
+    stats = ingest.run(cfg, ingest.Inputs(local=(str(a),)), tmp_path / "out", tmp_path / "c")
+    import pyarrow.parquet as pq
+
+    manifest = pq.read_table(tmp_path / "out" / "manifest.parquet").to_pylist()
+    by_name = {os.path.basename(m["source"]): m for m in manifest}
+    assert stats["inputs"] == 3 and set(by_name) == {r["path"] for r in records(a)}
+    for r in records(a):
+        m = by_name[r["path"]]
+        assert m["caption"] == r["caption"] and m["licence"] == r["licence"]
+        assert set(r["tags"]["instruments"]) <= set(m["tags"])
