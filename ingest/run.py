@@ -70,7 +70,7 @@ class _Progress:
 def run(cfg: IngestConfig, inputs: Inputs, out: str | Path, cache: str | Path,
         stats_path: str | Path | None = None) -> dict[str, Any]:
     """Run the whole stage; returns the stats dict (also written as JSON)."""
-    out, cache = str(out), Path(cache)
+    out, cache = str(out).rstrip("/"), str(cache).rstrip("/")
     clock = [time.perf_counter()]
     records = gather(cfg, inputs, cache)
     clock.append(time.perf_counter())
@@ -78,8 +78,8 @@ def run(cfg: IngestConfig, inputs: Inputs, out: str | Path, cache: str | Path,
     prog = _Progress()
     todo = [(i, r) for i, r in enumerate(records) if r["error"] is None]
     workers = worker_count(cfg.num_workers)
-    staging = cache / "ingest" / stagemod.processing_hash(cfg)
-    for j, res in map_unordered(stagemod.process_task, [r for _, r in todo], args=(cfg, str(staging)),
+    staging = f"{cache}/ingest/{stagemod.processing_hash(cfg)}"
+    for j, res in map_unordered(stagemod.process_task, [r for _, r in todo], args=(cfg, staging),
                                 executor=cfg.executor, max_in_flight=2 * workers,
                                 desc="decode+chunk", total=len(todo)):
         prog.results[todo[j][0]] = res
@@ -113,8 +113,12 @@ def run(cfg: IngestConfig, inputs: Inputs, out: str | Path, cache: str | Path,
     return {**stats, **stats_run}
 
 
-def gather(cfg: IngestConfig, inputs: Inputs, cache: Path) -> list[dict[str, Any]]:
-    """Every input as a record, remote ones downloaded into the cache."""
+def gather(cfg: IngestConfig, inputs: Inputs, cache: str) -> list[dict[str, Any]]:
+    """Every input as a record, remote ones downloaded into the cache.
+
+    yt-dlp writes to local disk, so downloads need a local ``cache``; the
+    per-input results may live on any fsspec file system.
+    """
     records = sources.local_inputs(list(inputs.local), list(inputs.captions))
     remote: list[dict[str, Any]] = []
     for path in inputs.urls:
@@ -122,7 +126,10 @@ def gather(cfg: IngestConfig, inputs: Inputs, cache: Path) -> list[dict[str, Any
     for path in inputs.musiccaps:
         remote.extend(sources.musiccaps_inputs(path, cfg.download.url_template))
     if remote:
-        sources.fetch_remote(remote, cfg.download, cache / "downloads")
+        local = shards.local_path(cache)
+        if local is None:
+            raise ConfigError(f"--cache {cache}: downloads need a local cache folder")
+        sources.fetch_remote(remote, cfg.download, local / "downloads")
     records.extend(remote)
     records.sort(key=lambda r: (r["uri"], r["start_s"] or 0.0, r["end_s"] or 0.0))
     return records

@@ -226,3 +226,19 @@ def test_missing_source_is_a_clear_error(tmp_path, cfg):
     with pytest.raises(FileNotFoundError, match="nowhere"):
         ingest.run(cfg, ingest.Inputs(local=(str(tmp_path / "nowhere"),)), tmp_path / "o",
                    tmp_path / "c")
+
+
+def test_outputs_and_cache_through_an_fsspec_filesystem(tmp_path, cfg):
+    import fsspec
+
+    src = tmp_path / "src"
+    write(src / "a.flac", melody(1, 12))
+    write(src / "b.flac", melody(2, 12))
+    local = ingest.run(cfg, ingest.Inputs(local=(str(src),)), tmp_path / "o", tmp_path / "c")
+    mem = ingest.run(cfg, ingest.Inputs(local=(str(src),)), "memory://cantus-test/out",
+                     "memory://cantus-test/cache")
+    fs = fsspec.filesystem("memory")
+    for name, data in read_dir_bytes(tmp_path / "o").items():
+        assert fs.cat(f"/cantus-test/out/{name}") == data, name
+    assert mem["chunks"] == local["chunks"] == 4
+    fs.rm("/cantus-test", recursive=True)
