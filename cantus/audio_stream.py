@@ -4,7 +4,8 @@ Goes in: the ingest stage's WebDataset audio shards (``{split}-NNNNNN.tar``
 with ``{key}.flac`` and ``{key}.json``). Comes out: batches
 ``{"audio": float32[B, T], "length": int64[B], "key": list[str]}`` of
 ``crop_seconds`` crops (shorter chunks are zero-padded; ``length`` says how
-many samples are real).
+many samples are real). With ``with_meta=True`` each batch also carries
+``"meta"``: the samples' parsed JSON (caption, tags, ...), in batch order.
 
 Order is a pure function of ``(seed, epoch)``: shards are shuffled per epoch,
 split across ranks (DDP) and DataLoader workers, samples pass a seeded
@@ -61,9 +62,9 @@ class AudioCrops(torch.utils.data.IterableDataset):
 
     def __init__(self, paths: list[str], crop: int, seed: int, epoch: int, rank: int,
                  world: int, shuffle_buffer: int, skip_per_worker: list[int],
-                 first_worker: int = 0):
+                 first_worker: int = 0, with_meta: bool = False):
         super().__init__()
-        self.first_worker = first_worker
+        self.first_worker, self.with_meta = first_worker, with_meta
         self.paths, self.crop, self.seed, self.epoch = paths, crop, seed, epoch
         self.rank, self.world = rank, world
         self.shuffle_buffer, self.skip_per_worker = shuffle_buffer, skip_per_worker
@@ -103,7 +104,7 @@ class AudioCrops(torch.utils.data.IterableDataset):
 
     def _crop(self, item: tuple[str, dict]) -> dict[str, Any]:
         key, fields = item
-        x, _ = decode_sample(fields)
+        x, meta = decode_sample(fields)
         n = x.shape[0]
         start = 0
         if n > self.crop:
@@ -112,14 +113,20 @@ class AudioCrops(torch.utils.data.IterableDataset):
         piece = np.zeros(self.crop, np.float32)
         got = x[start:start + self.crop]
         piece[:got.shape[0]] = got
-        return {"audio": torch.from_numpy(piece), "length": got.shape[0], "key": key,
+        item = {"audio": torch.from_numpy(piece), "length": got.shape[0], "key": key,
                 "worker": self._worker()[0]}
+        if self.with_meta:
+            item["meta"] = meta
+        return item
 
 
 def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
-    return {"audio": torch.stack([i["audio"] for i in items]),
-            "length": torch.tensor([i["length"] for i in items], dtype=torch.int64),
-            "key": [i["key"] for i in items], "worker": items[0]["worker"]}
+    batch = {"audio": torch.stack([i["audio"] for i in items]),
+             "length": torch.tensor([i["length"] for i in items], dtype=torch.int64),
+             "key": [i["key"] for i in items], "worker": items[0]["worker"]}
+    if "meta" in items[0]:
+        batch["meta"] = [i["meta"] for i in items]
+    return batch
 
 
 class AudioBatches:
@@ -131,12 +138,13 @@ class AudioBatches:
         batch_size, seed, num_workers: as for a DataLoader; the sequence of
             batches depends on (seed, num_workers, batch_size), nothing else.
         rank, world: this process's DDP rank and the world size.
+        with_meta: also return each sample's JSON metadata as ``batch["meta"]``.
     """
 
     def __init__(self, paths: list[str], *, crop_seconds: float, sample_rate: int,
                  batch_size: int, seed: int, num_workers: int = 0, shuffle_buffer: int = 64,
-                 rank: int = 0, world: int = 1):
-        self.paths = list(paths)
+                 rank: int = 0, world: int = 1, with_meta: bool = False):
+        self.paths, self.with_meta = list(paths), with_meta
         self.crop = int(round(crop_seconds * sample_rate))
         self.batch_size, self.seed, self.num_workers = batch_size, seed, num_workers
         self.shuffle_buffer, self.rank, self.world = shuffle_buffer, rank, world
@@ -159,11 +167,16 @@ class AudioBatches:
 
     def _epoch_loader(self) -> torch.utils.data.DataLoader:
         ds = AudioCrops(self.paths, self.crop, self.seed, self.epoch, self.rank, self.world,
-                        self.shuffle_buffer, list(self.consumed), self.next_worker)
+                        self.shuffle_buffer, list(self.consumed), self.next_worker,
+                        self.with_meta)
+        # A DataLoader draws its base seed from the generator it is given, else from
+        # the global torch RNG: its own generator keeps a trainer's RNG (dropout) the
+        # same whether an epoch's loader was made before a checkpoint or after resume.
+        gen = torch.Generator().manual_seed(_seed(self.seed, self.epoch, "loader") >> 1)
         return torch.utils.data.DataLoader(ds, batch_size=self.batch_size,
                                            num_workers=self.num_workers,
                                            collate_fn=_collate, drop_last=True,
-                                           persistent_workers=False)
+                                           persistent_workers=False, generator=gen)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         while True:

@@ -1,0 +1,193 @@
+"""SoundStream codec: shapes, the residual VQ, overfitting, save/load, exact resume, errors."""
+
+import copy
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from cantus.config import ConfigError, from_dict, load_section
+from cantus.tokenize import eval_codec, train_codec
+from cantus.tokenize.codec_losses import DiscConfig
+from cantus.tokenize.codec_model import CodecConfig, SoundStream
+from cantus.tokenize.rvq import ResidualVQ
+from conftest import ROOT, melody, write
+
+torch.set_num_threads(1)
+
+
+def _tiny_params(**train) -> train_codec.CodecParams:
+    base = load_section(ROOT / "params.yaml", "codec", train_codec.CodecParams)
+    t = dataclasses.replace(base.train, steps=6, batch_size=2, crop_seconds=0.2, warmup_steps=2,
+                            adversarial_start=3, checkpoint_every=2, log_every=1,
+                            sample_every=0, sample_chunks=1, sample_seconds=0.5, num_workers=0,
+                            threads=1, device="cpu", **train)
+    return dataclasses.replace(base, model=CodecConfig.tiny(), train=t,
+                               disc=DiscConfig(scales=2, wave_channels=1, stft_channels=2,
+                                               stft_window=128))
+
+
+@pytest.fixture(scope="module")
+def shard_dir(tmp_path_factory):
+    from cantus.ingest import run as ingest
+    from cantus.ingest.params import IngestConfig
+
+    tmp = tmp_path_factory.mktemp("codec")
+    for i in range(3):
+        write(tmp / "src" / f"t{i}.flac", melody(700 + i, 3.0, rate=24000), rate=24000)
+    cfg = dataclasses.replace(load_section(ROOT / "params.yaml", "ingest", IngestConfig),
+                              executor="local", chunk_seconds=1.5, hop_seconds=1.5,
+                              min_chunk_seconds=0.5, shard_max_samples=4, valid_fraction=0.0)
+    ingest.run(cfg, ingest.Inputs(local=(str(tmp / "src"),)), tmp / "out", tmp / "cache")
+    return tmp / "out"
+
+
+def test_shapes_strides_and_causality():
+    cfg = CodecConfig.tiny()
+    assert cfg.hop == 480 and cfg.frame_rate == 50.0
+    assert CodecConfig.paper().kbps() == 6.0 and CodecConfig.demo().kbps(3) == 1.5
+    model = SoundStream(cfg).eval()
+    wav = torch.from_numpy(np.stack([melody(1, 0.3, 24000), melody(2, 0.3, 24000)]))
+    codes = model.encode(wav)
+    assert codes.dtype == torch.uint16 and codes.shape == (2, cfg.n_q, 15)  # ceil(7200 / 480)
+    assert model.decode(codes).shape == (2, 15 * 480)
+    assert model.decode(codes, n_q=1).shape == (2, 15 * 480)
+    late = wav.clone()
+    late[:, 4800:] = 0.0  # changing samples after frame 10 leaves frames 0..9 alone
+    assert torch.equal(model.encode(late)[:, :, :10], codes[:, :, :10])
+
+
+def _clusters(n=512, k=8, dim=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(k, dim, generator=g) * 5
+    x = centres[torch.randint(k, (n,), generator=g)] + 0.01 * torch.randn(n, dim, generator=g)
+    return centres, x
+
+
+def test_rvq_kmeans_init_finds_the_clusters():
+    torch.manual_seed(0)
+    centres, x = _clusters()
+    rvq = ResidualVQ(4, n_q=2, codebook_size=8, kmeans_iters=20, quantizer_dropout=False)
+    rvq.train()
+    q, codes, commit = rvq(x)  # [B, D] input: one vector per example
+    assert codes.shape == (512, 2) and bool(rvq.levels[0].initialised)
+    err = torch.cdist(centres, rvq.levels[0].codebook).min(dim=1).values
+    assert err.max() < 0.5, err
+    rvq.eval()
+    assert (rvq.decode(rvq.encode(x)) - x).pow(2).mean() < 1e-3 and commit < 1.0
+
+
+def test_rvq_ema_update_and_dead_code_replacement():
+    torch.manual_seed(0)
+    _, x = _clusters(k=4)
+    rvq = ResidualVQ(4, n_q=1, codebook_size=8, decay=0.9, dead_threshold=0.5,
+                     quantizer_dropout=False)
+    lvl = rvq.levels[0]
+    lvl.init_from(x)
+    before_sum, before_count = lvl.embed_sum.clone(), lvl.cluster_size.clone()
+    lvl.dead_threshold = 0.0  # check the EMA arithmetic on its own first
+    codes = lvl.nearest(x)
+    lvl.update(x, codes)
+    counts = torch.bincount(codes, minlength=8).float()
+    sums = torch.zeros(8, 4).index_add_(0, codes, x)
+    assert torch.allclose(lvl.cluster_size, 0.9 * before_count + 0.1 * counts)
+    assert torch.allclose(lvl.embed_sum, 0.9 * before_sum + 0.1 * sums, atol=1e-5)
+    lvl.dead_threshold = 0.5
+    lvl.cluster_size[3] = 0.01  # code 3 is now dead
+    lvl.replace_dead(x)
+    assert (x == lvl.codebook[3]).all(dim=1).any()  # it became a batch vector
+    assert lvl.cluster_size[3] == 0.5
+
+
+def test_quantizer_dropout_draws_levels_per_example():
+    torch.manual_seed(0)
+    rvq = ResidualVQ(8, n_q=6, codebook_size=16)
+    rvq.train()
+    x = torch.randn(64, 8, 3)
+    rvq(x)  # k-means init
+    coded_with = copy.deepcopy(rvq).eval()  # the codebooks the next batch is coded with
+    q, codes, _ = rvq(x)
+    rvq.eval()
+    used = []
+    for b in range(64):  # each example's output is the sum of its first k levels
+        k = [k for k in range(1, 7) if torch.allclose(coded_with.decode(codes[b:b + 1, :k]),
+                                                       q[b:b + 1], atol=1e-5)]
+        assert k, b
+        used.append(k[0])
+    assert len(set(used)) >= 4 and min(used) >= 1 and max(used) <= 6
+    errors = [(rvq.decode(rvq.encode(x, n_q=k)) - x).pow(2).mean() for k in range(1, 7)]
+    assert all(a >= b for a, b in zip(errors, errors[1:]))
+
+
+def test_tiny_codec_overfits_one_clip():
+    torch.manual_seed(0)
+    cfg = _tiny_params()
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr=1e-2, steps=30,
+                                                             adversarial_start=10**9))
+    trainer = train_codec.Trainer(cfg, torch.device("cpu"))
+    clip = torch.from_numpy(melody(3, 0.4, 24000))[None]
+    losses = [trainer.step(clip, s)["reconstruction"] for s in range(30)]
+    assert min(losses[-5:]) < 0.5 * losses[0], losses
+
+
+def test_save_load_round_trip_gives_identical_codes(tmp_path):
+    torch.manual_seed(0)
+    model = SoundStream(CodecConfig.tiny())
+    model.train()
+    model(torch.randn(2, 4800) * 0.1)  # k-means init sets the codebooks
+    model.eval()
+    digest = model.save(tmp_path / "codec")
+    loaded = SoundStream.load(tmp_path / "codec")
+    wav = torch.from_numpy(melody(4, 0.5, 24000))[None]
+    assert torch.equal(model.encode(wav), loaded.encode(wav)) and len(digest) == 64
+    assert torch.equal(model.decode(model.encode(wav)), loaded.decode(loaded.encode(wav)))
+
+
+def test_resume_equals_uninterrupted(shard_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    cfg = _tiny_params()
+    full = train_codec.run(cfg, shard_dir, tmp_path / "a", tmp_path / "wa")
+    part = train_codec.run(cfg, shard_dir, tmp_path / "b", tmp_path / "wb", stop_at=3)
+    assert not part["finished"] and not (tmp_path / "b" / "model.safetensors").exists()
+    rest = train_codec.run(cfg, shard_dir, tmp_path / "b", tmp_path / "wb")
+    assert rest["resumed_from"] == 3 and "adversarial" in rest["final"]
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" /
+                                                                     "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert full["final"] == rest["final"]
+    assert (tmp_path / "wa" / "samples" / "final" / "spectrograms.png").is_file()
+    ecfg = dataclasses.replace(load_section(ROOT / "params.yaml", "codec_eval",
+                                            eval_codec.EvalConfig), split="train", max_chunks=2,
+                               max_seconds=1.0, device="cpu")
+    m = eval_codec.run(ecfg, shard_dir, tmp_path / "a", tmp_path / "m.json")
+    assert m["codec_6kbps"]["n_q"] == 4 and len(m["usage"]["perplexity"]) == 4
+    assert (tmp_path / "m.json").is_file() and m["opus_6kbps"]["si_sdr"] > 0
+
+
+def test_bad_input_gives_clear_errors():
+    model = SoundStream(CodecConfig.tiny()).eval()
+    with pytest.raises(ValueError, match="empty audio"):
+        model.encode(torch.zeros(1, 0))
+    with pytest.raises(ValueError, match="expects 24000 Hz"):
+        model.encode(torch.zeros(1, 960), sample_rate=16000)
+    with pytest.raises(ValueError, match="NaN"):
+        model.encode(torch.tensor([[0.0, float("nan")] * 480]))
+    with pytest.raises(ValueError, match="mono"):
+        model.encode(torch.zeros(1, 2, 960))
+    with pytest.raises(ValueError, match="codes must be in"):
+        model.decode(torch.full((1, 4, 2), 64, dtype=torch.int32))
+    with pytest.raises(ConfigError, match="codec.model.chanels"):
+        from_dict(CodecConfig, {**dataclasses.asdict(CodecConfig.tiny()), "chanels": 3},
+                  prefix="codec.model")
+
+
+def test_metrics_and_opus_baseline():
+    x = melody(5, 1.0, 24000)
+    assert eval_codec.mel_distance(x, x, 24000) == 0.0 and eval_codec.si_sdr(x, 0.5 * x) > 60
+    y = eval_codec.opus_roundtrip(x, 24000, 6.0)
+    assert y.shape == x.shape
+    noisy = x + 0.05 * np.random.default_rng(0).standard_normal(x.shape).astype(np.float32)
+    assert eval_codec.si_sdr(x, y) > 3.0  # aligned: Opus keeps a clean melody recognisable
+    assert eval_codec.mel_distance(x, noisy, 24000) > eval_codec.mel_distance(x, x * 0.99, 24000)

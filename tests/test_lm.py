@@ -1,0 +1,167 @@
+"""LM stages: layouts and offsets, crops aligned across rates, the model, the manifest check."""
+
+import dataclasses
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from cantus.config import ConfigError, from_dict
+from cantus.tokens import ManifestMismatch
+from cantus.train.data import crop, fixed_crops, batched
+from cantus.train.layout import STAGES, Layout, dedup, stage_spec
+from cantus.train.model import GPTConfig, Transformer, tiny
+from cantus.train.run import Inputs, lr_at, run, stage_loss
+from cantus.train.stage import LMConfig, load_lm
+from cantus.train.synthetic import write_synthetic_tokens
+
+from conftest import ROOT
+
+K = 1024
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """On a loaded 2-core machine two OpenMP threads spin against each other (20x slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tokens(seed=0, seconds=2.0):
+    rng = np.random.default_rng(seed)
+    return {"acoustic": rng.integers(0, K, (12, int(50 * seconds))).astype(np.uint16),
+            "semantic": np.repeat(rng.integers(0, K, int(12.5 * seconds)), 2).astype(np.uint16),
+            "mulan": rng.integers(0, K, 12).astype(np.uint16)}
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_layout_ids_in_range_blocks_and_target_mask(stage):
+    layout = Layout(stage_spec(stage), K, 2.0, dedup_semantic=stage != "fine")
+    toks = tokens()
+    ids, block, target = layout.encode(toks)
+    assert ids.shape == block.shape == target.shape == (layout.max_len,)
+    assert ids.min() >= 0 and ids.max() < layout.vocab_size
+    real = block >= 0
+    # every real id lies in its own block; pads are pad and never targets
+    assert np.all(ids[real] // K == block[real])
+    assert np.all(ids[~real] == layout.pad_id) and not target[~real].any()
+    # dedup shortens the semantic part of coarse: count what came through
+    n_cond = {"semantic": 12, "coarse": 12 + dedup(toks["semantic"]).shape[0],
+              "fine": 4 * 100}[stage]
+    assert not target[:n_cond].any() and target[n_cond:real.sum()].all()
+    expected = {"semantic": dedup(toks["semantic"]), "coarse": toks["acoustic"][:4],
+                "fine": toks["acoustic"][4:]}[stage]
+    assert np.array_equal(layout.decode(ids[target]), expected)
+    tgt_blocks = block[target]
+    assert [layout.next_block(i) for i in range(len(tgt_blocks))] == tgt_blocks.tolist()
+    assert set(np.unique(tgt_blocks)) == set(layout.target_blocks.tolist())
+
+
+def test_acoustic_flattened_row_major_over_time_then_level():
+    layout = Layout(stage_spec("fine"), K, 0.04)  # 2 acoustic frames
+    a = np.arange(24, dtype=np.uint16).reshape(12, 2)  # a[level, t] = 2 level + t
+    ids, block, _ = layout.encode({"acoustic": a})
+    codes = ids - block * K
+    # t0: levels 0..3 (cond) ... then t0 levels 4..11, t1 levels 4..11 (target)
+    assert codes.tolist() == [0, 2, 4, 6, 1, 3, 5, 7] + [8, 10, 12, 14, 16, 18, 20, 22,
+                                                        9, 11, 13, 15, 17, 19, 21, 23]
+    assert block.tolist() == [0, 1, 2, 3] * 2 + list(range(4, 12)) * 2
+
+
+def test_conditioning_dropout_nulls_mulan_only():
+    layout = Layout(stage_spec("coarse"), K, 2.0)
+    toks = tokens()
+    kept, _, t1 = layout.encode(toks)
+    dropped, _, t2 = layout.encode(toks, drop_cond=True)
+    assert np.all(dropped[:12] == layout.null_id)
+    assert np.array_equal(kept[12:], dropped[12:]) and np.array_equal(t1, t2)
+    assert np.all(layout.prefix(toks, drop_cond=True)[:12] == layout.null_id)
+    assert np.array_equal(layout.prefix(toks), kept[:layout.n_cond])
+    with pytest.raises(ValueError, match="outside"):
+        layout.encode({**toks, "mulan": np.full(12, K, np.uint16)})
+
+
+def test_crop_takes_the_same_seconds_at_both_rates():
+    n_sem = 500
+    toks = {"semantic": np.arange(n_sem, dtype=np.uint16),
+            "acoustic": np.tile(np.arange(2 * n_sem + 1, dtype=np.uint16), (12, 1))}
+    for seed in range(20):
+        c = crop(toks, 3.0, random.Random(seed))
+        assert c["semantic"].shape == (75,) and c["acoustic"].shape == (12, 150)
+        assert c["acoustic"][0, 0] == 2 * c["semantic"][0]  # same offset in seconds
+        assert c["acoustic"][0, -1] == 2 * c["semantic"][-1] + 1
+    short = crop({"semantic": toks["semantic"][:10]}, 3.0, random.Random(0))
+    assert short["semantic"].shape == (10,)
+
+
+@pytest.mark.parametrize("position", ["rope", "t5"])
+def test_kv_cache_generation_matches_full_forward(position):
+    torch.manual_seed(0)
+    model = Transformer(GPTConfig(**{**dataclasses.asdict(tiny()), "position": position},
+                                  vocab_size=100)).eval()
+    x = torch.randint(0, 100, (2, 12))
+    with torch.no_grad():
+        full = model(x)
+        cache = model.new_cache(2, 16)
+        steps = [model(x[:, :5], cache=cache)]
+        steps += [model(x[:, i:i + 1], cache=cache) for i in range(5, 9)]
+        steps.append(model(x[:, 9:], cache=cache))
+    assert cache.length == 12
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-4)
+
+
+def test_tiny_model_overfits_one_batch(tmp_path):
+    folder = write_synthetic_tokens(tmp_path / "tok", chunks=6, seconds=4.0, valid=2,
+                                    shards_train=1)
+    layout = Layout(stage_spec("coarse"), K, 0.5, dedup_semantic=True)
+    batch = next(batched(fixed_crops([str(folder / "train-000000.tar")], layout, 4), 4))
+    torch.manual_seed(0)
+    model = Transformer(GPTConfig(**dataclasses.asdict(tiny()), vocab_size=layout.vocab_size))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(40):
+        total, n = stage_loss(model, model.embed.weight, batch, layout)
+        loss = total / n
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[0] > 6.5  # ~ log(1024): it starts knowing nothing
+    assert losses[-1] < 0.3 * losses[0]
+
+
+def test_lr_warms_up_then_decays_to_the_floor():
+    cfg = load_lm(ROOT / "params.yaml").semantic.train
+    t = dataclasses.replace(cfg, steps=100, warmup_steps=10, lr=1.0, min_lr_ratio=0.1)
+    lrs = [lr_at(s, t) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+    assert lr_at(100, t) == pytest.approx(0.1)
+
+
+def test_params_section_loads_and_rejects_unknown_keys():
+    raw = __import__("yaml").safe_load((ROOT / "params.yaml").read_text())["lm"]
+    cfg = from_dict(LMConfig, raw, prefix="lm")
+    assert cfg.coarse.model.layers >= 1 and cfg.tokens.coarse_levels == 4
+    raw["fine"]["train"]["stepz"] = 3
+    with pytest.raises(ConfigError, match="lm.fine.train.stepz"):
+        from_dict(LMConfig, raw, prefix="lm")
+
+
+def test_manifest_mismatch_is_refused(tmp_path):
+    folder = write_synthetic_tokens(tmp_path / "tok", chunks=4, seconds=2.0, valid=1,
+                                    shards_train=1)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["tokenizers"]["acoustic"]["codebook_size"] = 512
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    cfg = load_lm(ROOT / "params.yaml")
+    with pytest.raises(ManifestMismatch, match="acoustic.codebook_size: shards have 512"):
+        run(cfg, "fine", Inputs(str(folder), str(tmp_path / "ck")), tmp_path / "out")
+    with pytest.raises(ManifestMismatch, match="semantic.checkpoint_hash"):
+        run(cfg, "fine", Inputs(str(folder), str(tmp_path / "ck"),
+                                expect={"semantic": {"checkpoint_hash": "abc"}}), None)
+    assert not (tmp_path / "ck").exists() and not (tmp_path / "out").exists()

@@ -1,0 +1,249 @@
+"""ingest -> tokenize (three fields) -> pack, on a tiny corpus with tiny models."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import webdataset as wds
+import yaml
+
+from cantus.tokens import ManifestMismatch, check_manifest, iter_token_samples
+from conftest import ROOT, melody, read_dir_bytes, write
+
+FIELD_ARGS = {"acoustic": ("codec",), "semantic": ("semantic", "semantic_kmeans"),
+              "mulan": ("mulan", "mulan_rvq")}
+
+
+def _tiny_models(tmp, audio_dir):
+    import torch
+
+    from cantus.tokenize import semantic_kmeans as sk
+    from cantus.tokenize import semantic_model as sm
+    from cantus.tokenize.codec_model import CodecConfig, SoundStream
+    from cantus.tokenize.mulan_model import build_mulan
+    from cantus.tokenize.mulan_params import MulanModelConfig
+    from cantus.tokenize.mulan_rvq import ResidualKMeans, fit_embeddings
+    from cantus.audio_stream import load_all, shard_paths
+    from cantus.training import save_weights
+
+    torch.manual_seed(0)
+    models = {"codec": tmp / "codec", "semantic": tmp / "semantic",
+              "semantic_kmeans": tmp / "semantic_kmeans", "mulan": tmp / "mulan",
+              "mulan_rvq": tmp / "mulan_rvq"}
+    SoundStream(CodecConfig.tiny()).save(models["codec"])
+    ckpt = tmp / "w2v"
+    sm.build("tiny").save_pretrained(str(ckpt))
+    models["semantic"].mkdir()
+    (models["semantic"] / "manifest.json").write_text(json.dumps(
+        {"source": "checkpoint", "checkpoint": str(ckpt), "hash": sm.checkpoint_hash(ckpt)}))
+    sk.run(sk.KMeansConfig(layer=0, token_rate=25, clusters=8, max_frames=400, iterations=5,
+                           restarts=1, seed=0, batch_size=2, device="cpu"),
+           models["semantic"], audio_dir, models["semantic_kmeans"])
+    mulan = build_mulan(MulanModelConfig.tiny(), seed=0).eval()
+    save_weights(mulan, models["mulan"], mulan.cfg)
+    audio = [x for x, _ in load_all(shard_paths(audio_dir, "train"))]
+    emb = fit_embeddings(mulan, audio, 1.0)
+    import hashlib
+
+    digest = hashlib.sha256((models["mulan"] / "model.safetensors").read_bytes()).hexdigest()
+    ResidualKMeans.fit(emb, 12, 4, 5, 0).save(models["mulan_rvq"], {"mulan_sha256": digest})
+    return {k: str(v) for k, v in models.items()}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    from cantus.config import load_section
+    from cantus.ingest import run as ingest
+    from cantus.ingest.params import IngestConfig
+
+    tmp = tmp_path_factory.mktemp("tok")
+    for i in range(5):
+        write(tmp / "src" / f"t{i}.flac", melody(700 + i, 7.0))
+    cfg = dataclasses.replace(load_section(ROOT / "params.yaml", "ingest", IngestConfig),
+                              executor="local", chunk_seconds=3.0, hop_seconds=3.0,
+                              min_chunk_seconds=0.9, shard_max_samples=4, valid_fraction=0.3)
+    ingest.run(cfg, ingest.Inputs(local=(str(tmp / "src"),)), tmp / "audio", tmp / "cache")
+    return tmp, tmp / "audio", _tiny_models(tmp, tmp / "audio")
+
+
+def _cfg(**kw):
+    from cantus.tokenize.run import load_config
+
+    return dataclasses.replace(load_config(ROOT / "params.yaml"), **{"executor": "local", **kw})
+
+
+def _tokenize_all(tmp, audio, models, tag=""):
+    from cantus.tokenize import pack
+    from cantus.tokenize import run as tokenize
+
+    folders = {}
+    for field, names in FIELD_ARGS.items():
+        folders[field] = tmp / f"tokens_{field}{tag}"
+        tokenize.run(_cfg(), field, audio, {n: models[n] for n in names}, folders[field])
+    pack.run(audio, folders, tmp / f"tokens{tag}")
+    return folders, tmp / f"tokens{tag}"
+
+
+def test_chain_gives_aligned_tokens_for_every_chunk(corpus):
+    import pyarrow.parquet as pq
+
+    tmp, audio, models = corpus
+    _, out = _tokenize_all(tmp, audio, models)
+    manifest = pq.read_table(audio / "manifest.parquet").to_pylist()
+    index = {r["key"]: r for r in pq.read_table(out / "index.parquet").to_pylist()}
+    assert set(index) == {m["key"] for m in manifest}
+    for m in manifest:
+        r = index[m["key"]]
+        assert r["split"] == m["split"]
+        assert r["acoustic_frames"] == 2 * r["semantic_frames"]
+        assert abs(r["semantic_frames"] - 25 * m["duration_s"]) <= 1  # 3 s -> 75 (150 at 50 Hz)
+    full = [r for r in index.values() if abs(r["seconds"] - 3.0) < 1e-9]
+    assert full and all(r["acoustic_frames"] == 150 for r in full)
+    tok = json.loads((out / "manifest.json").read_text())["tokenizers"]
+    for path in sorted(out.glob("*.tar")):
+        for key, item in iter_token_samples(path):
+            assert item["acoustic"].dtype == np.uint16
+            assert item["acoustic"].shape[0] == tok["acoustic"]["n_q"]
+            assert item["acoustic"].max() < 1024 and item["semantic"].max() < 8
+            assert item["mulan"].shape == (12,) and item["mulan"].max() < 4
+            assert item["meta"]["caption"] == "" and item["meta"]["split"] in ("train", "valid")
+    # plain webdataset reads the packed shards as they are
+    sample = next(iter(wds.WebDataset(str(sorted(out.glob("train-*.tar"))[0]),
+                                      shardshuffle=False).decode()))
+    assert sample["semantic.npy"].dtype == np.uint16 and "split" in sample["json"]
+    # a trainer told to use other tokenizers is refused, with what differs
+    assert tok["semantic"]["k"] == 8 and tok["acoustic"]["hop"] == 480
+    check_manifest(out, {"semantic": {"centroid_hash": tok["semantic"]["centroid_hash"]}})
+    with pytest.raises(ManifestMismatch, match="acoustic.checkpoint_hash"):
+        check_manifest(out, {"acoustic": {"checkpoint_hash": "0" * 64}})
+
+
+def test_rerun_skips_finished_shards_and_changes_nothing(corpus):
+    from cantus.tokenize import run as tokenize
+
+    tmp, audio, models = corpus
+    out = tmp / "again_acoustic"
+    first = tokenize.run(_cfg(), "acoustic", audio, {"codec": models["codec"]}, out)
+    ref = read_dir_bytes(out)
+    os.remove(sorted(out.glob("*.tar"))[1])  # as if killed before this shard
+    again = tokenize.run(_cfg(), "acoustic", audio, {"codec": models["codec"]}, out)
+    assert again["shards_skipped"] == first["shards"] - 1
+    assert read_dir_bytes(out) == ref
+
+
+def test_a_chunk_the_tokenizer_cannot_handle_is_a_reject(corpus, monkeypatch):
+    from cantus.tokenize import run as tokenize
+
+    tmp, audio, models = corpus
+    first_key = next(iter(__import__("cantus.shards", fromlist=["x"]).iter_samples(
+        sorted(audio.glob("train-*.tar"))[0])))[0]
+    real = tokenize.ShardTokenizer.run
+
+    def run_with_bad_chunk(self, decoded, out_path):
+        if first_key in decoded["keys"]:
+            i = decoded["keys"].index(first_key)
+            decoded["wavs"][i] = np.full(10, np.nan, np.float32)
+        return real(self, decoded, out_path)
+
+    monkeypatch.setattr(tokenize.ShardTokenizer, "run", run_with_bad_chunk)
+    s = tokenize.run(_cfg(), "acoustic", audio, {"codec": models["codec"]}, tmp / "bad")
+    import pyarrow.parquet as pq
+
+    rejects = pq.read_table(tmp / "bad" / "rejects.parquet").to_pylist()
+    assert [(r["key"], r["reason"]) for r in rejects] == [(first_key, "acoustic_error")]
+    assert "NaN" in rejects[0]["detail"] and s["rejects"] == 1
+
+
+def test_stages_are_split_by_field_so_a_refit_retokenizes_one_field():
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    deps = {f: set(stages[f"tokenize_{f}"]["deps"]) - {"cantus", "tokenize", "data/audio"}
+            for f in ("acoustic", "semantic", "mulan")}
+    assert deps["acoustic"] == {"models/codec"}
+    assert "models/semantic_kmeans" in deps["semantic"]
+    assert not any("semantic" in d or "mulan" in d for d in deps["acoustic"])
+
+
+def test_sigkill_then_rerun_is_byte_identical(corpus):
+    tmp, audio, models = corpus
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["tokenize"]["executor"] = "local"
+    (tmp / "params.yaml").write_text(yaml.safe_dump(params))
+
+    def cmd(out):
+        return [sys.executable, "-m", "cantus.tokenize.run", "--params", str(tmp / "params.yaml"),
+                "--field", "acoustic", "--audio", str(audio), "--codec", models["codec"],
+                "--out", str(out)]
+
+    assert subprocess.run(cmd(tmp / "k_ref"), capture_output=True).returncode == 0
+    proc = subprocess.Popen(cmd(tmp / "k_out"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline:
+        if len(list((tmp / "k_out").glob("*.tar"))) >= 1:
+            break
+        time.sleep(0.01)
+    killed = proc.poll() is None
+    if killed:
+        os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    again = subprocess.run(cmd(tmp / "k_out"), capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    assert read_dir_bytes(tmp / "k_out") == read_dir_bytes(tmp / "k_ref")
+    if killed:
+        assert "already done" in again.stdout
+
+
+@pytest.mark.ray
+def test_ray_actors_match_local_and_survive_a_killed_worker(corpus):
+    import ray
+
+    from cantus.parallel import init_ray
+    from cantus.tokenize import run as tokenize
+
+    tmp, audio, models = corpus
+    local = tmp / "r_local"
+    tokenize.run(_cfg(), "acoustic", audio, {"codec": models["codec"]}, local)
+    init_ray(num_cpus=2)
+    try:
+        killer = _kill_one_actor_soon()
+        s = tokenize.run(_cfg(executor="ray", actors=2, max_in_flight=2), "acoustic", audio,
+                         {"codec": models["codec"]}, tmp / "r_ray")
+        killer.join()
+        assert killer.killed, "no tokenizer actor process was found to kill"
+        ds = ray.data.read_webdataset(str(tmp / "r_ray"), file_extensions=["tar"])
+        rows = ds.take_all()
+    finally:
+        ray.shutdown()
+    assert read_dir_bytes(tmp / "r_ray") == read_dir_bytes(local)
+    assert s["chunks"] == len(rows) > 0
+    assert {"acoustic.npy"} <= set(rows[0])
+
+
+def _kill_one_actor_soon():
+    """Kill the first ShardTokenizer actor process that shows up (bounded wait)."""
+    import threading
+
+    import psutil
+
+    def kill():
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            for p in psutil.process_iter(["cmdline"]):
+                if "ShardTokenizer" in " ".join(p.info["cmdline"] or []):
+                    p.kill()
+                    t.killed = True
+                    return
+            time.sleep(0.05)
+
+    t = threading.Thread(target=kill, daemon=True)
+    t.killed = False
+    t.start()
+    return t

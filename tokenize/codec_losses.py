@@ -1,0 +1,156 @@
+"""SoundStream's discriminators and losses.
+
+Goes in: real and reconstructed waveforms ``float[B, N]``. Comes out: scalar
+losses. The discriminators are a multi-scale waveform discriminator (MelGAN's,
+on the signal at 1x, 1/2x and 1/4x rate) and SoundStream's STFT discriminator
+(2-D convolutions over the complex spectrogram). Losses: hinge adversarial
+losses, feature matching (L1 between the discriminators' feature maps on real
+and reconstructed audio), and the multi-scale spectral reconstruction loss of
+the SoundStream paper (L1 on mel spectrograms plus ``sqrt(s / 2)`` times L2 on
+log-mel, window sizes ``s = 2^6 .. 2^11``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cantus.config import ConfigError
+
+
+@dataclass(frozen=True)
+class DiscConfig:
+    """Discriminator sizes (section ``codec.disc``)."""
+
+    scales: int           # waveform discriminators (paper: 3, at 1x, 1/2x, 1/4x)
+    wave_channels: int    # first-layer channels of each waveform discriminator
+    stft_channels: int    # first-layer channels of the STFT discriminator
+    stft_window: int      # STFT discriminator window (paper: 1024, hop 256)
+
+    def __post_init__(self):
+        if self.scales < 1 or self.wave_channels < 1 or self.stft_channels < 1:
+            raise ConfigError("'codec.disc' sizes must be positive")
+        if self.stft_window < 16 or self.stft_window & (self.stft_window - 1):
+            raise ConfigError("'codec.disc.stft_window' must be a power of two >= 16")
+
+
+def _lrelu(x: torch.Tensor) -> torch.Tensor:
+    return F.leaky_relu(x, 0.2)
+
+
+class WaveDiscriminator(nn.Module):
+    """MelGAN waveform discriminator: float[B, 1, N] -> (logits, feature maps)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        c = channels
+        convs = [nn.Conv1d(1, c, 15, padding=7)]
+        for _ in range(4):
+            out = min(c * 4, channels * 64)  # MelGAN: 16 -> 64 -> 256 -> 1024
+            groups = max(1, min(c, out) // 4)
+            convs.append(nn.Conv1d(c, out, 41, stride=4, padding=20, groups=groups))
+            c = out
+        convs.append(nn.Conv1d(c, c, 5, padding=2))
+        self.convs = nn.ModuleList(convs)
+        self.out = nn.Conv1d(c, 1, 3, padding=1)
+
+    def forward(self, x: torch.Tensor):
+        feats = []
+        for conv in self.convs:
+            x = _lrelu(conv(x))
+            feats.append(x)
+        return self.out(x), feats
+
+
+class STFTDiscriminator(nn.Module):
+    """SoundStream's STFT discriminator on (real, imag) of a ``window``-sample STFT."""
+
+    def __init__(self, channels: int, window: int):
+        super().__init__()
+        self.window, self.hop = window, window // 4
+        c = channels
+        layers = [nn.Conv2d(2, c, 7, padding=3)]
+        for i, (ts, fs) in enumerate([(1, 2), (2, 2), (1, 2), (2, 2), (1, 2), (2, 2)]):
+            m = 2 if i % 2 else 1
+            layers.append(nn.Conv2d(c, c * m, (3, 4), stride=(ts, fs), padding=(1, 1)))
+            c *= m
+        self.convs = nn.ModuleList(layers)
+        self.out = nn.Conv2d(c, 1, (1, 1))
+        self.register_buffer("win", torch.hann_window(window), persistent=False)
+
+    def forward(self, wav: torch.Tensor):
+        spec = torch.stft(wav[:, 0], self.window, self.hop, window=self.win, return_complex=True)
+        x = torch.stack([spec.real, spec.imag], dim=1).transpose(2, 3)  # (B, 2, frames, F)
+        feats = []
+        for conv in self.convs:
+            x = _lrelu(conv(x))
+            feats.append(x)
+        return self.out(x), feats
+
+
+class Discriminators(nn.Module):
+    """Every discriminator: float[B, N] -> list of (logits, feature maps)."""
+
+    def __init__(self, cfg: DiscConfig):
+        super().__init__()
+        self.waves = nn.ModuleList(WaveDiscriminator(cfg.wave_channels)
+                                   for _ in range(cfg.scales))
+        self.stft = STFTDiscriminator(cfg.stft_channels, cfg.stft_window)
+
+    def forward(self, wav: torch.Tensor):
+        x = wav[:, None]  # (B, 1, N)
+        outs = [self.stft(x)]
+        for i, disc in enumerate(self.waves):
+            if i:
+                x = F.avg_pool1d(x, 4, stride=2, padding=1, count_include_pad=False)
+            outs.append(disc(x))
+        return outs
+
+
+def disc_hinge(real_outs, fake_outs) -> torch.Tensor:
+    """Discriminator hinge loss, averaged over discriminators."""
+    loss = sum(F.relu(1 - r).mean() + F.relu(1 + f).mean()
+               for (r, _), (f, _) in zip(real_outs, fake_outs))
+    return loss / len(real_outs)
+
+
+def gen_hinge(fake_outs) -> torch.Tensor:
+    """Generator's adversarial hinge loss (SoundStream eq. 2)."""
+    return sum(F.relu(1 - f).mean() for f, _ in fake_outs) / len(fake_outs)
+
+
+def feature_matching(real_outs, fake_outs) -> torch.Tensor:
+    """Mean L1 between real and fake feature maps over every layer and discriminator."""
+    terms = [(fr.detach() - ff).abs().mean()
+             for (_, real), (_, fake) in zip(real_outs, fake_outs) for fr, ff in zip(real, fake)]
+    return sum(terms) / len(terms)
+
+
+class MultiScaleMel(nn.Module):
+    """SoundStream's reconstruction loss over windows ``2^lo .. 2^hi``."""
+
+    def __init__(self, sample_rate: int, lo: int = 6, hi: int = 11, n_mels: int = 64):
+        super().__init__()
+        import torchaudio
+
+        self.specs = nn.ModuleList()
+        self.alphas = []
+        for e in range(lo, hi + 1):
+            s = 2 ** e
+            self.specs.append(torchaudio.transforms.MelSpectrogram(
+                sample_rate, n_fft=s, hop_length=s // 4, n_mels=min(n_mels, s // 4),
+                power=1.0, center=True, norm="slaney", mel_scale="slaney"))
+            self.alphas.append((s / 2) ** 0.5)
+
+    def forward(self, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+        loss = real.new_zeros(())
+        for spec, alpha in zip(self.specs, self.alphas):
+            mr, mf = spec(real.float()), spec(fake.float())  # (B, mels, frames)
+            l1 = (mr - mf).abs().mean()
+            log_diff = (mr.clamp_min(1e-5).log() - mf.clamp_min(1e-5).log())
+            l2 = log_diff.pow(2).sum(dim=1).clamp_min(1e-12).sqrt().mean()  # per frame
+            loss = loss + l1 + alpha * l2
+        return loss / len(self.specs)

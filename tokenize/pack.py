@@ -1,0 +1,119 @@
+"""Pack stage: join the per-field token shards by key into training shards.
+
+Goes in: the audio shards (for each chunk's caption, tags and split) and the
+token folders of the three fields (``cantus.tokenize.run``). Comes out, in
+``--out``: ``{split}-NNNNNN.tar`` with ``{key}.acoustic.npy``,
+``{key}.semantic.npy``, ``{key}.mulan.npy`` and ``{key}.json`` per chunk
+(the contract of ``cantus.tokens``), ``index.parquet`` (key, split, shard,
+token lengths), ``rejects.parquet`` (chunks missing a field, with the reason)
+and ``manifest.json`` naming all three tokenizers.
+
+Acoustic tokens run at 50 Hz and semantic at 25 Hz; the two are trimmed to
+``Ta = 2 Ts`` so every crop aligns across rates.
+
+    python -m cantus.tokenize.pack --audio data/audio --acoustic data/tokens_acoustic \\
+        --semantic data/tokens_semantic --mulan data/tokens_mulan --out data/tokens
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from cantus import shards
+from cantus.tokens import ACOUSTIC_HZ, FIELDS, SEMANTIC_HZ, iter_token_samples, sample_fields
+
+log = logging.getLogger(__name__)
+_META_KEYS = ("caption", "tags", "source", "offset_s", "duration_s", "split", "licence")
+
+
+def _field_tokens(folder: Path, shard: str, field: str) -> dict[str, Any]:
+    path = folder / shard
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing {field} token shard (run the tokenize stage)")
+    return {k: item[field] for k, item in iter_token_samples(path)}
+
+
+def align(acoustic, semantic):
+    """Trim to whole semantic frames: ``acoustic[:, :2 Ts]``, ``semantic[:Ta // 2]``."""
+    ratio = ACOUSTIC_HZ // SEMANTIC_HZ
+    ts = min(semantic.shape[0], acoustic.shape[1] // ratio)
+    return acoustic[:, : ts * ratio], semantic[:ts]
+
+
+def pack_shard(audio_path: Path, folders: dict[str, Path], out: Path) -> dict[str, Any]:
+    name = audio_path.name
+    tokens = {f: _field_tokens(folders[f], name, f) for f in FIELDS}
+    samples, rows, rejects = [], [], []
+    for key, fields in shards.iter_samples(audio_path, fields=("json",)):
+        meta = json.loads(fields["json"])
+        missing = [f for f in FIELDS if key not in tokens[f]]
+        if missing:
+            rejects.append({"key": key, "reason": "missing_field",
+                            "detail": f"{name}: no {', '.join(missing)} tokens for {key}"})
+            continue
+        a, s = align(tokens["acoustic"][key], tokens["semantic"][key])
+        if s.shape[0] == 0:
+            rejects.append({"key": key, "reason": "too_short",
+                            "detail": f"{name}: {key} is shorter than one semantic frame"})
+            continue
+        toks = {"acoustic": a, "semantic": s, "mulan": tokens["mulan"][key]}
+        samples.append((key, sample_fields(toks, {k: meta.get(k) for k in _META_KEYS})))
+        rows.append({"key": key, "split": meta["split"], "shard": name,
+                     "acoustic_frames": int(a.shape[1]), "semantic_frames": int(s.shape[0]),
+                     "seconds": s.shape[0] / SEMANTIC_HZ})
+    shards.write_shard(out / name, samples)
+    return {"rows": rows, "rejects": rejects}
+
+
+def run(audio_dir: str | Path, folders: dict[str, str | Path], out: str | Path) -> dict[str, Any]:
+    audio_dir, out = Path(audio_dir), Path(out)
+    folders = {f: Path(p) for f, p in folders.items()}
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizers = {f: json.loads((folders[f] / "manifest.json").read_text())["tokenizer"]
+                  for f in FIELDS}
+    paths = sorted(audio_dir.glob("train-*.tar")) + sorted(audio_dir.glob("valid-*.tar"))
+    rows, rejects = [], []
+    for p in paths:
+        got = pack_shard(p, folders, out)
+        rows += got["rows"]
+        rejects += got["rejects"]
+    for f in FIELDS:  # chunks a tokenizer could not handle
+        rejects += shards.read_parquet(folders[f] / "rejects.parquet").to_pylist()
+    shards.write_parquet(out / "index.parquet", pa.Table.from_pylist(rows, schema=pa.schema([
+        ("key", pa.string()), ("split", pa.string()), ("shard", pa.string()),
+        ("acoustic_frames", pa.int32()), ("semantic_frames", pa.int32()),
+        ("seconds", pa.float64())])))
+    shards.write_parquet(out / "rejects.parquet", pa.table(
+        {c: pa.array([r[c] for r in rejects], pa.string()) for c in ("key", "reason", "detail")}))
+    shards.atomic_write_json(out / "manifest.json", {
+        "tokenizers": tokenizers, "fields": list(FIELDS),
+        "rates": {"acoustic_hz": ACOUSTIC_HZ, "semantic_hz": SEMANTIC_HZ}})
+    summary = {"chunks": len(rows), "shards": len(paths), "rejects": len(rejects),
+               "hours": round(sum(r["seconds"] for r in rows) / 3600, 6)}
+    log.info("pack: %s", summary)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="cantus pack", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--audio", required=True)
+    for f in FIELDS:
+        ap.add_argument(f"--{f}", required=True, help=f"{f} token folder")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    summary = run(args.audio, {f: getattr(args, f) for f in FIELDS}, args.out)
+    print(f"pack: {summary['chunks']} chunks ({summary['hours']:.3f} h) in {summary['shards']} "
+          f"shards, {summary['rejects']} rejects -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

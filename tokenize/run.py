@@ -1,0 +1,287 @@
+"""Tokenize stage: audio shards -> one set of token shards for one field.
+
+Goes in: the ingest stage's audio shards, the model folder(s) of one field
+(``--codec``; ``--semantic`` and ``--semantic-kmeans``; ``--mulan`` and
+``--mulan-rvq``) and the ``tokenize`` section of params.yaml. Comes out, in
+``--out``: one token shard per audio shard, with the same name and keys
+(``{key}.{field}.npy``), a sidecar ``{shard}.json`` per shard (keys, token
+lengths, rejects), ``index.parquet``, ``rejects.parquet`` and ``manifest.json``
+naming the tokenizer. ``cantus.tokenize.pack`` joins the fields.
+
+    python -m cantus.tokenize.run --params params.yaml --field acoustic \\
+        --audio data/audio --codec models/codec --out data/tokens_acoustic
+
+Ray: each audio shard is decoded and resampled by a CPU task, and tokenized
+by a model actor (loaded once per actor; ``num_gpus`` per actor from params),
+with at most ``max_in_flight`` shards outstanding so memory stays bounded.
+A shard's output depends only on that shard and the model and is written
+atomically, so a killed run resumes by skipping finished shards; an actor
+whose process dies is restarted and its task retried.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from cantus import shards
+from cantus.config import ConfigError, load_section
+from cantus.tokenize.fields import FIELD_MODELS, load_field
+from cantus.tokens import npy_bytes
+
+log = logging.getLogger(__name__)
+
+
+def _require(ok: bool, key: str, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"'tokenize.{key}' {why}")
+
+
+@dataclass(frozen=True)
+class TokenizeConfig:
+    executor: str          # "ray" or "local"
+    actors: int            # model actors per field (0 = one per CPU, minus the decoders')
+    cpus_per_actor: float  # Ray CPUs each actor holds
+    gpus_per_actor: float  # Ray GPUs each actor holds (0 on CPU machines)
+    decode_cpus: float     # Ray CPUs of each decode task
+    max_in_flight: int     # shards outstanding at once (0 = 2 per actor)
+    device: str            # "cpu", "cuda" or "auto"
+
+    def __post_init__(self):
+        _require(self.executor in ("ray", "local"), "executor", "must be 'ray' or 'local'")
+        _require(self.actors >= 0, "actors", "must be >= 0")
+        _require(self.cpus_per_actor > 0, "cpus_per_actor", "must be positive")
+        _require(self.gpus_per_actor >= 0, "gpus_per_actor", "must be >= 0")
+        _require(self.decode_cpus > 0, "decode_cpus", "must be positive")
+        _require(self.max_in_flight >= 0, "max_in_flight", "must be >= 0")
+        _require(self.device in ("cpu", "cuda", "auto"), "device", "must be cpu, cuda or auto")
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def decode_shard(path: str, sample_rate: int) -> dict[str, Any]:
+    """CPU task: one audio shard -> its chunks at ``sample_rate`` (and undecodable keys)."""
+    from cantus import audio
+    from cantus.audio_stream import decode_sample
+
+    keys, wavs, rejects = [], [], []
+    for key, fields in shards.iter_samples(path):
+        try:
+            x, meta = decode_sample(fields)
+            wavs.append(audio.resample(x, int(meta["sample_rate"]), sample_rate))
+            keys.append(key)
+        except Exception as e:  # a damaged sample must not stop the shard
+            rejects.append({"key": key, "reason": "decode_error", "detail": f"{path}: {e}"})
+    return {"path": path, "keys": keys, "wavs": wavs, "rejects": rejects}
+
+
+class ShardTokenizer:
+    """Holds one field's model; ``run`` tokenizes one decoded shard and writes it."""
+
+    def __init__(self, field: str, models: dict[str, str], device: str, threads: int = 0):
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)  # one actor per CPU must not oversubscribe it
+        self.tok = load_field(field, models, resolve_device(device))
+        self.field = field
+
+    def run(self, decoded: dict[str, Any], out_path: str) -> dict[str, Any]:
+        keys, tokens, rejects = [], [], list(decoded["rejects"])
+        try:
+            encoded = self.tok.encode_batch(decoded["wavs"])
+            pairs = list(zip(decoded["keys"], encoded))
+        except Exception:  # find the chunk(s) at fault, one by one
+            pairs = []
+            for key, w in zip(decoded["keys"], decoded["wavs"]):
+                try:
+                    pairs.append((key, self.tok.encode_batch([w])[0]))
+                except Exception as e:
+                    rejects.append({"key": key, "reason": f"{self.field}_error",
+                                    "detail": f"{decoded['path']}: {type(e).__name__}: {e}"})
+        for key, t in pairs:
+            keys.append(key)
+            tokens.append(t)
+        summary = {"shard": Path(out_path).name, "keys": keys,
+                   "lengths": [int(t.shape[-1]) for t in tokens], "rejects": rejects}
+        # The sidecar first: a shard that exists always has its sidecar.
+        shards.atomic_write_json(_sidecar(out_path), summary)
+        shards.write_shard(out_path, [(k, {f"{self.field}.npy": npy_bytes(t)})
+                                      for k, t in zip(keys, tokens)])
+        return summary
+
+    def describe(self) -> dict[str, Any]:
+        return self.tok.describe()
+
+
+def _sidecar(out_path: str) -> str:
+    return out_path[: -len(".tar")] + ".json"
+
+
+def _done(out_path: str) -> dict[str, Any] | None:
+    import json
+
+    if shards.exists(out_path) and shards.exists(_sidecar(out_path)):
+        with open(_sidecar(out_path)) as f:
+            return json.load(f)
+    return None
+
+
+def _prepare_out(out: Path, description: dict[str, Any]) -> None:
+    """Start over when ``out`` holds tokens of another tokenizer."""
+    import json
+
+    manifest = out / "manifest.json"
+    if manifest.is_file() and json.loads(manifest.read_text()).get("tokenizer") != description:
+        log.warning("%s holds tokens of another tokenizer: rewriting every shard", out)
+        for p in out.iterdir():
+            if p.suffix in (".tar", ".json", ".parquet"):
+                p.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _schedule_local(tokenizer: ShardTokenizer, jobs: list[tuple[str, str]], rate: int):
+    for path, out_path in jobs:
+        yield tokenizer.run(decode_shard(path, rate), out_path)
+
+
+def _schedule_ray(field: str, models: dict[str, str], jobs: list[tuple[str, str]], rate: int,
+                  cfg: TokenizeConfig):
+    """Decode tasks feed an actor pool, ``max_in_flight`` shards at a time."""
+    import ray
+
+    from cantus.parallel import worker_count
+
+    total = worker_count(0)
+    # Actors hold their CPUs for life: leave room for at least one decode task.
+    n = cfg.actors or max(1, int((total - cfg.decode_cpus) // cfg.cpus_per_actor))
+    if n * cfg.cpus_per_actor + cfg.decode_cpus > total:
+        raise ConfigError(f"'tokenize.actors' {n} x cpus_per_actor {cfg.cpus_per_actor} + "
+                          f"decode_cpus {cfg.decode_cpus} exceeds the {total} CPUs Ray has: "
+                          "decode tasks could never run")
+    actor_cls = ray.remote(num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor,
+                           max_restarts=3, max_task_retries=3)(ShardTokenizer)
+    threads = max(1, int(round(cfg.cpus_per_actor)))
+    actors = [actor_cls.remote(field, models, cfg.device, threads) for _ in range(n)]
+    decode = ray.remote(num_cpus=cfg.decode_cpus, max_retries=3)(decode_shard)
+    window = cfg.max_in_flight or 2 * n
+    pending, it = [], iter(enumerate(jobs))
+    while True:
+        while len(pending) < window:
+            nxt = next(it, None)
+            if nxt is None:
+                break
+            i, (path, out_path) = nxt
+            pending.append(actors[i % n].run.remote(decode.remote(path, rate), out_path))
+        if not pending:
+            break
+        done, pending = ray.wait(pending, num_returns=1)
+        yield ray.get(done[0])
+
+
+def run(cfg: TokenizeConfig, field: str, audio_dir: str | Path, models: dict[str, str],
+        out: str | Path) -> dict[str, Any]:
+    """Tokenize every audio shard for ``field``; returns a summary."""
+    from cantus.training import progress
+
+    out = Path(out)
+    paths = [p for split in ("train", "valid") for p in _shards_or_none(audio_dir, split)]
+    if not paths:
+        raise FileNotFoundError(f"{audio_dir}: no audio shards (train-*.tar / valid-*.tar)")
+    local = ShardTokenizer(field, models, "cpu" if cfg.executor == "ray" else cfg.device)
+    description = local.describe()
+    _prepare_out(out, description)
+    summaries, jobs = {}, []
+    for p in paths:
+        target = str(out / Path(p).name)
+        if (done := _done(target)) is not None:
+            summaries[Path(p).name] = done
+        else:
+            jobs.append((p, target))
+    skipped = len(summaries)
+    rate = local.tok.sample_rate
+    sched = (_schedule_local(local, jobs, rate) if cfg.executor == "local"
+             else _schedule_ray(field, models, jobs, rate, cfg))
+    with progress(len(jobs), desc=f"tokenize {field}") as bar:
+        for s in sched:
+            summaries[s["shard"]] = s
+            bar.update(1)
+    return _write_tables(out, field, description, [summaries[Path(p).name] for p in paths],
+                         skipped)
+
+
+def _shards_or_none(folder, split) -> list[str]:
+    from cantus.audio_stream import shard_paths
+
+    try:
+        return shard_paths(folder, split)
+    except FileNotFoundError:
+        return []
+
+
+def _write_tables(out: Path, field: str, description: dict[str, Any],
+                  summaries: list[dict[str, Any]], skipped: int) -> dict[str, Any]:
+    rows = [(s["shard"], k, n) for s in summaries for k, n in zip(s["keys"], s["lengths"])]
+    index = pa.table({"key": [r[1] for r in rows], "shard": [r[0] for r in rows],
+                      "split": [r[0].split("-")[0] for r in rows],
+                      "length": pa.array([r[2] for r in rows], pa.int32())})
+    rejects = [r for s in summaries for r in s["rejects"]]
+    shards.write_parquet(out / "index.parquet", index)
+    shards.write_parquet(out / "rejects.parquet", pa.table(
+        {c: pa.array([r[c] for r in rejects], pa.string()) for c in ("key", "reason", "detail")}))
+    shards.atomic_write_json(out / "manifest.json", {"field": field, "tokenizer": description})
+    summary = {"field": field, "shards": len(summaries), "shards_skipped": skipped,
+               "chunks": len(rows), "rejects": len(rejects)}
+    log.info("tokenize %s: %s", field, summary)
+    return summary
+
+
+def load_config(params: str) -> TokenizeConfig:
+    return load_section(params, "tokenize", TokenizeConfig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="cantus tokenize", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--field", required=True, choices=sorted(FIELD_MODELS))
+    ap.add_argument("--audio", required=True, help="audio shard folder (ingest output)")
+    ap.add_argument("--out", required=True, help="token shard folder for this field")
+    for name in sorted({m for ms in FIELD_MODELS.values() for m in ms}):
+        ap.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None,
+                        help=f"{name} model folder")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_config(args.params)
+        models = {m: getattr(args, m) for m in FIELD_MODELS[args.field]}
+        missing = [m for m, v in models.items() if not v]
+        if missing:
+            raise ConfigError(f"--field {args.field} needs --{missing[0].replace('_', '-')}")
+    except ConfigError as e:
+        print(f"cantus tokenize: configuration error: {e}", file=sys.stderr)
+        return 2
+    if cfg.executor == "ray":
+        from cantus.parallel import init_ray
+
+        init_ray()
+    summary = run(cfg, args.field, args.audio, models, args.out)
+    print(f"tokenize {args.field}: {summary['chunks']} chunks in {summary['shards']} shards "
+          f"({summary['shards_skipped']} already done), {summary['rejects']} rejects -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,303 @@
+"""Train the SoundStream codec on audio shards.
+
+Goes in: the ingest stage's audio shards (``--shards``: ``train-*.tar`` for
+training, the first ``valid-*.tar`` chunks for reconstruction samples) and the
+``codec`` section of params.yaml. Comes out:
+
+- ``--out``: ``model.safetensors`` + ``config.json`` (load with
+  ``SoundStream.load(out)``) and ``train.json`` (steps, final losses, time);
+- ``--work``: ``checkpoints/step-NNNNNNNN.pt`` (models, optimisers, schedulers,
+  step, RNG states, data position) and ``samples/`` (wav + spectrogram PNG of
+  fixed validation chunks); a killed run started again resumes from the last
+  checkpoint and ends with the same weights as an uninterrupted run (CPU);
+- ``--live``: dvclive curves (``dvc plots show``).
+
+    python -m cantus.tokenize.train_codec --params params.yaml --shards data/audio \\
+        --out models/codec --work runs/codec --live metrics/codec_train
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cantus.audio_stream import AudioBatches, load_all, shard_paths
+from cantus.config import ConfigError, config_hash, load_section
+from cantus.shards import atomic_write_json
+from cantus.tokenize import codec_losses as L
+from cantus.tokenize.codec_model import CodecConfig, SoundStream
+from cantus.training import Checkpoints, Metrics, progress, rng_state, set_rng_state
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    """Loss weights (paper: adversarial 1, feature 100, reconstruction 1)."""
+
+    adversarial: float
+    feature: float
+    reconstruction: float
+    commitment: float
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    seed: int
+    device: str               # "auto" (CUDA when present), "cpu" or "cuda"
+    threads: int              # torch CPU threads (0: torch's default)
+    steps: int                # total generator steps (the demo's time budget)
+    batch_size: int
+    crop_seconds: float       # random crop length per example
+    lr: float                 # generator AdamW peak learning rate
+    disc_lr: float            # discriminator AdamW peak learning rate
+    betas: tuple[float, ...]  # AdamW betas (GAN practice: 0.5, 0.9)
+    weight_decay: float
+    warmup_steps: int         # linear learning-rate warm-up, then cosine to 10%
+    adversarial_start: int    # reconstruction-only steps before the GAN losses switch on
+    grad_clip: float          # max gradient norm (0: off)
+    num_workers: int          # DataLoader workers (0: in-process)
+    shuffle_buffer: int
+    checkpoint_every: int
+    keep_checkpoints: int
+    log_every: int
+    sample_every: int         # reconstruction samples every N steps (0: only at the end)
+    sample_chunks: int        # fixed validation chunks rendered
+    sample_seconds: float     # seconds of each rendered
+
+    def __post_init__(self):
+        p = "codec.train"
+        for key in ("steps", "batch_size", "checkpoint_every", "log_every", "keep_checkpoints"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"'{p}.{key}' must be at least 1")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"'{p}.device' must be auto, cpu or cuda, got {self.device!r}")
+        if self.crop_seconds <= 0 or self.lr <= 0 or self.disc_lr <= 0:
+            raise ConfigError(f"'{p}.crop_seconds', lr and disc_lr must be positive")
+        if len(self.betas) != 2:
+            raise ConfigError(f"'{p}.betas' must be two numbers")
+
+
+@dataclass(frozen=True)
+class CodecParams:
+    """The ``codec`` section of params.yaml."""
+
+    model: CodecConfig
+    disc: L.DiscConfig
+    loss: LossWeights
+    train: TrainConfig
+
+
+class Trainer:
+    """Models, optimisers and schedulers of one codec run, and its train step."""
+
+    def __init__(self, cfg: CodecParams, device: torch.device):
+        t = cfg.train
+        self.cfg, self.device = cfg, device
+        self.model = SoundStream(cfg.model).to(device)
+        self.disc = L.Discriminators(cfg.disc).to(device)
+        self.mel = L.MultiScaleMel(cfg.model.sample_rate).to(device)
+        self.opt_g = torch.optim.AdamW(self.model.parameters(), t.lr, betas=tuple(t.betas),
+                                       weight_decay=t.weight_decay)
+        self.opt_d = torch.optim.AdamW(self.disc.parameters(), t.disc_lr, betas=tuple(t.betas),
+                                       weight_decay=t.weight_decay)
+        self.sched_g = torch.optim.lr_scheduler.LambdaLR(self.opt_g, self._lr_factor)
+        self.sched_d = torch.optim.lr_scheduler.LambdaLR(self.opt_d, self._lr_factor)
+
+    def _lr_factor(self, step: int) -> float:
+        t = self.cfg.train
+        if step < t.warmup_steps:
+            return (step + 1) / t.warmup_steps
+        frac = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
+        return 0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, frac)))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k).state_dict()
+                for k in ("model", "disc", "opt_g", "opt_d", "sched_g", "sched_d")}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for k, v in state.items():
+            getattr(self, k).load_state_dict(v)
+
+    def _autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+
+    def _clip_step(self, opt, sched, params) -> float:
+        clip = self.cfg.train.grad_clip
+        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+        opt.step()
+        sched.step()
+        return float(norm)
+
+    def step(self, wav: torch.Tensor, step: int) -> dict[str, float]:
+        """One generator (and, after the warm-up, discriminator) update on float[B, N]."""
+        w, adv = self.cfg.loss, step >= self.cfg.train.adversarial_start
+        wav = wav.to(self.device)
+        with self._autocast():
+            recon, _, commit = self.model(wav)
+            recon = recon[:, :wav.shape[1]]
+        rec = self.mel(wav, recon.float())
+        out = {"reconstruction": rec.item(), "commitment": commit.item()}
+        loss = w.reconstruction * rec + w.commitment * commit
+        if adv:
+            with self._autocast():
+                d_loss = L.disc_hinge(self.disc(wav), self.disc(recon.detach()))
+            self.opt_d.zero_grad(set_to_none=True)
+            d_loss.backward()
+            self._clip_step(self.opt_d, self.sched_d, self.disc.parameters())
+            with self._autocast():
+                with torch.no_grad():
+                    real = self.disc(wav)
+                fake = self.disc(recon)
+                g_adv, feat = L.gen_hinge(fake), L.feature_matching(real, fake)
+            loss = loss + w.adversarial * g_adv + w.feature * feat
+            out.update(disc=d_loss.item(), adversarial=g_adv.item(), feature=feat.item())
+        self.opt_g.zero_grad(set_to_none=True)
+        loss.backward()
+        out["grad_norm"] = self._clip_step(self.opt_g, self.sched_g, self.model.parameters())
+        out["loss"] = loss.item()
+        return out
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _resume(ckpts: Checkpoints, trainer: Trainer, batches: AudioBatches,
+            digest: str) -> tuple[int, dict[str, float]]:
+    """Restore the newest checkpoint of this config -> (its step, its last losses)."""
+    state = ckpts.latest()
+    if state is None:
+        return 0, {}
+    if state.get("config_hash") != digest:
+        log.warning("checkpoints in %s are from another config: starting afresh", ckpts.folder)
+        for s in ckpts.steps():
+            (ckpts.folder / f"step-{s:08d}.pt").unlink()
+        return 0, {}
+    trainer.load_state_dict(state["trainer"])
+    batches.load_state_dict(state["data"])
+    set_rng_state(state["rng"])
+    return int(state["step"]), dict(state.get("last", {}))
+
+
+def write_samples(model: SoundStream, clips: list[torch.Tensor], folder: Path,
+                  metrics: Metrics | None) -> None:
+    """Reconstruct fixed clips at full bitrate: wav files and one spectrogram PNG."""
+    import soundfile as sf
+
+    from cantus.tokenize.eval_codec import spectrogram_png
+
+    was_training = model.training
+    model.eval()
+    folder.mkdir(parents=True, exist_ok=True)
+    pairs = []
+    for i, clip in enumerate(clips):
+        recon = model.decode(model.encode(clip[None]))[0, :clip.shape[0]].cpu()
+        sf.write(str(folder / f"clip{i}-original.wav"), clip.numpy(), model.cfg.sample_rate)
+        sf.write(str(folder / f"clip{i}-codec.wav"), recon.numpy(), model.cfg.sample_rate)
+        pairs.append((clip.numpy(), recon.numpy()))
+    png = spectrogram_png(pairs, model.cfg.sample_rate, folder / "spectrograms.png")
+    if metrics is not None:
+        metrics.image("reconstruction.png", png)
+    model.train(was_training)
+
+
+def _clips(shards: str | Path, t: TrainConfig, rate: int) -> list[torch.Tensor]:
+    try:
+        paths = shard_paths(shards, "valid")
+    except FileNotFoundError:
+        paths = shard_paths(shards, "train")
+    n = int(t.sample_seconds * rate)
+    return [torch.from_numpy(x[:n].copy()) for x, _ in load_all(paths, limit=t.sample_chunks)]
+
+
+def run(cfg: CodecParams, shards: str | Path, out: str | Path, work: str | Path,
+        live: str | Path | None = None, stop_at: int | None = None) -> dict[str, Any]:
+    """Train (or resume) a codec; ``stop_at`` ends early as a kill would, for tests."""
+    t, out, work = cfg.train, Path(out), Path(work)
+    torch.manual_seed(t.seed)
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    device = _device(t.device)
+    trainer = Trainer(cfg, device)
+    batches = AudioBatches(shard_paths(shards, "train"), crop_seconds=t.crop_seconds,
+                           sample_rate=cfg.model.sample_rate, batch_size=t.batch_size,
+                           seed=t.seed, num_workers=t.num_workers,
+                           shuffle_buffer=t.shuffle_buffer)
+    ckpts, digest = Checkpoints(work / "checkpoints", t.keep_checkpoints), config_hash(cfg)
+    start, last = _resume(ckpts, trainer, batches, digest)
+    metrics = Metrics(live or work / "live", resume=start > 0)
+    clips = _clips(shards, t, cfg.model.sample_rate)
+    end = t.steps if stop_at is None else min(stop_at, t.steps)
+    began, bar = time.time(), progress(end, initial=start, desc="codec")
+    data = iter(batches)
+    for step in range(start, end):
+        last = trainer.step(next(data)["audio"], step)
+        done = step + 1
+        bar.update(1)
+        bar.set_postfix(rec=f"{last['reconstruction']:.3f}", **(
+            {"adv": f"{last['adversarial']:.2f}"} if "adversarial" in last else {}))
+        if done % t.log_every == 0 or done == t.steps:
+            metrics.log(done, lr=trainer.sched_g.get_last_lr()[0], **last)
+            log.info("step %d/%d %s", done, t.steps,
+                     " ".join(f"{k}={v:.4g}" for k, v in last.items()))
+        if t.sample_every and done % t.sample_every == 0:
+            write_samples(trainer.model, clips, work / "samples" / f"step-{done:08d}", metrics)
+        if done % t.checkpoint_every == 0 or done == end:
+            ckpts.save(done, {"trainer": trainer.state_dict(), "data": batches.state_dict(),
+                              "rng": rng_state(), "config_hash": digest, "last": last})
+    bar.close()
+    summary = {"steps": end, "resumed_from": start, "seconds": round(time.time() - began, 1),
+               "config_hash": digest, "final": last, "finished": end == t.steps}
+    if end == t.steps:
+        write_samples(trainer.model, clips, work / "samples" / "final", metrics)
+        summary["sha256"] = trainer.model.save(out)
+        atomic_write_json(out / "train.json", summary)
+    metrics.close()
+    return summary
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cantus.tokenize.train_codec", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--shards", required=True, help="folder of train-*/valid-* audio shards")
+    p.add_argument("--out", required=True, help="folder for model.safetensors + config.json")
+    p.add_argument("--work", required=True, help="folder for checkpoints and samples")
+    p.add_argument("--live", help="dvclive folder (default WORK/live)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_section(args.params, "codec", CodecParams)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"cantus train_codec: configuration error: {e}", file=sys.stderr)
+        return 2
+    try:
+        s = run(cfg, args.shards, args.out, args.work, args.live)
+    except FileNotFoundError as e:
+        print(f"cantus train_codec: {e}", file=sys.stderr)
+        return 1
+    print(f"train_codec: {s['steps']} steps (resumed from {s['resumed_from']}) in "
+          f"{s['seconds']} s -> {args.out}; " + json.dumps(s["final"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

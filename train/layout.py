@@ -1,0 +1,200 @@
+"""Token layouts of the three stages: token fields <-> one id sequence.
+
+Goes in: one crop's tokens (``acoustic`` uint16[12, Ta] at 50 Hz, ``semantic``
+uint16[Ts] at 25 Hz, ``mulan`` uint16[12]). Comes out: int64 ids of one
+sequence, the codebook block of every position and which positions are
+targets (the loss is taken there only):
+
+    semantic  [M | S]              p(S | M)
+    coarse    [M | S | A[0:4]]     p(A[0:4] | S, M)
+    fine      [A[0:4] | A[4:12]]   p(A[4:12] | A[0:4])
+
+Every (field, level) has its own block of ``codebook_size`` ids (per-field,
+per-level offsets); acoustic tokens are flattened row-major over time and
+level, as in AudioLM (``t0l0 t0l1 .. t0l3 t1l0 ..``). Two ids follow the
+blocks: ``null`` replaces dropped conditioning (classifier-free guidance) and
+``pad`` fills sequences to ``max_len`` on the right (causal attention never
+lets a real position see a pad). Consecutive repeated semantic tokens can be
+removed (AudioLM, first two stages), which makes lengths vary per crop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from cantus.tokens import ACOUSTIC_HZ, SEMANTIC_HZ
+
+
+@dataclass(frozen=True)
+class Part:
+    """One field of a sequence; ``levels`` [lo, hi) for multi-level fields, None for semantic."""
+
+    field: str
+    levels: tuple[int, int] | None = None
+
+    @property
+    def n_levels(self) -> int:
+        return 1 if self.levels is None else self.levels[1] - self.levels[0]
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """Which parts condition, which are predicted, which conditioning may be dropped."""
+
+    name: str
+    cond: tuple[Part, ...]
+    target: tuple[Part, ...]
+    droppable: tuple[str, ...] = ()   # fields replaced by ``null`` under conditioning dropout
+
+    @property
+    def parts(self) -> tuple[Part, ...]:
+        return self.cond + self.target
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(p.field for p in self.parts))
+
+
+STAGES = ("semantic", "coarse", "fine")
+
+
+def stage_spec(name: str, coarse_levels: int = 4, acoustic_levels: int = 12,
+               mulan_levels: int = 12) -> StageSpec:
+    """MusicLM's three stages."""
+    m = Part("mulan", (0, mulan_levels))
+    s = Part("semantic")
+    coarse = Part("acoustic", (0, coarse_levels))
+    if name == "semantic":
+        return StageSpec(name, (m,), (s,), droppable=("mulan",))
+    if name == "coarse":
+        return StageSpec(name, (m, s), (coarse,), droppable=("mulan",))
+    if name == "fine":
+        return StageSpec(name, (coarse,), (Part("acoustic", (coarse_levels, acoustic_levels)),))
+    raise ValueError(f"unknown stage {name!r} (one of {', '.join(STAGES)})")
+
+
+def dedup(s: np.ndarray) -> np.ndarray:
+    """Drop consecutive repeats: [5, 5, 7, 7, 5] -> [5, 7, 5]."""
+    if s.size == 0:
+        return s
+    keep = np.ones(s.shape[0], bool)
+    keep[1:] = s[1:] != s[:-1]
+    return s[keep]
+
+
+class Layout:
+    """Ids, blocks and target mask of one stage at one crop length.
+
+    Args:
+        spec: the stage.
+        codebook_size: K, the size of every codebook.
+        crop_seconds: crop length (sets the part lengths and ``max_len``).
+        dedup_semantic: remove consecutive repeated semantic tokens.
+    """
+
+    def __init__(self, spec: StageSpec, codebook_size: int, crop_seconds: float,
+                 dedup_semantic: bool = False):
+        self.spec, self.k, self.dedup = spec, codebook_size, dedup_semantic
+        self.crop_seconds = crop_seconds
+        self.blocks: list[tuple[str, int]] = []   # block b holds ids [b K, (b + 1) K)
+        for p in spec.parts:
+            lo = 0 if p.levels is None else p.levels[0]
+            for lvl in range(lo, lo + p.n_levels):
+                if (p.field, lvl) not in self.blocks:
+                    self.blocks.append((p.field, lvl))
+        self.null_id = len(self.blocks) * codebook_size
+        self.pad_id = self.null_id + 1
+        self.vocab_size = -(-(self.pad_id + 1) // 64) * 64  # multiple of 64: faster matmuls
+        self.lengths = [self.part_length(p) for p in spec.parts]
+        self.max_len = sum(self.lengths)
+        self.n_cond = sum(self.lengths[:len(spec.cond)])
+        self.target_blocks = np.unique(np.concatenate(
+            [self._part_blocks(p, 1) for p in spec.target]))
+
+    def frames(self, field: str) -> int:
+        """Frames of a time field in one crop (25 t semantic, 50 t acoustic)."""
+        hz = {"semantic": SEMANTIC_HZ, "acoustic": ACOUSTIC_HZ}[field]
+        return int(round(self.crop_seconds * hz))
+
+    def part_length(self, p: Part) -> int:
+        return p.n_levels if p.field == "mulan" else self.frames(p.field) * p.n_levels
+
+    def block(self, field: str, level: int = 0) -> int:
+        return self.blocks.index((field, level))
+
+    def _part_blocks(self, p: Part, frames: int) -> np.ndarray:
+        lo = 0 if p.levels is None else p.levels[0]
+        one = np.array([self.block(p.field, lvl) for lvl in range(lo, lo + p.n_levels)])
+        return np.tile(one, frames)
+
+    def part_ids(self, p: Part, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, blocks) of one part. ``codes``: uint16[L] (mulan), [T] (semantic) or [12, T]."""
+        codes = np.asarray(codes).astype(np.int64)
+        if codes.size and (codes.min() < 0 or codes.max() >= self.k):
+            raise ValueError(f"{p.field} tokens outside [0, {self.k}): max {codes.max()}")
+        if p.field == "mulan":
+            flat = codes[p.levels[0]:p.levels[1]]
+        elif p.field == "semantic":
+            flat = dedup(codes) if self.dedup else codes
+        else:  # (levels, T) -> (T, levels) -> row-major: t0l0 t0l1 .. t1l0 ..
+            flat = codes[p.levels[0]:p.levels[1]].T.reshape(-1)
+        frames = flat.shape[0] // p.n_levels
+        blocks = self._part_blocks(p, frames)
+        return flat + blocks * self.k, blocks
+
+    def encode(self, tokens: dict[str, np.ndarray], drop_cond: bool = False
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One crop -> (ids int64[L], block int64[L] (-1 at pads), target bool[L]); L = max_len.
+
+        ``tokens`` must already be cropped (``data.crop``); shorter crops are padded.
+        ``drop_cond`` replaces the droppable conditioning fields by ``null``.
+        """
+        ids, blocks, target = [], [], []
+        for i, p in enumerate(self.spec.parts):
+            pid, pblk = self.part_ids(p, tokens[p.field])
+            is_cond = i < len(self.spec.cond)
+            if is_cond and drop_cond and p.field in self.spec.droppable:
+                pid = np.full_like(pid, self.null_id)
+            ids.append(pid), blocks.append(pblk)
+            target.append(np.full(pid.shape[0], not is_cond))
+        ids_, blocks_, target_ = map(np.concatenate, (ids, blocks, target))
+        n = ids_.shape[0]
+        if n > self.max_len:
+            raise ValueError(f"{self.spec.name} sequence of {n} ids exceeds max_len "
+                             f"{self.max_len} (tokens longer than the crop?)")
+        pad = self.max_len - n
+        return (np.concatenate([ids_, np.full(pad, self.pad_id)]),
+                np.concatenate([blocks_, np.full(pad, -1)]),
+                np.concatenate([target_, np.zeros(pad, bool)]))
+
+    def prefix(self, tokens: dict[str, np.ndarray], drop_cond: bool = False) -> np.ndarray:
+        """The conditioning ids a generator starts from: int64[P]."""
+        ids = []
+        for p in self.spec.cond:
+            pid, _ = self.part_ids(p, tokens[p.field])
+            if drop_cond and p.field in self.spec.droppable:
+                pid = np.full_like(pid, self.null_id)
+            ids.append(pid)
+        return np.concatenate(ids)
+
+    def next_block(self, n_generated: int) -> int:
+        """Block of the target token generated after ``n_generated`` others (its valid ids
+        are [block K, (block + 1) K))."""
+        p = self.spec.target[-1]
+        lo = 0 if p.levels is None else p.levels[0]
+        return self.block(p.field, lo + n_generated % p.n_levels)
+
+    def decode(self, ids: np.ndarray) -> np.ndarray:
+        """Generated target ids int64[N] -> uint16 codes: [N] semantic, or [levels, N / levels]
+        acoustic (the target's levels, N a whole number of frames)."""
+        (p,) = self.spec.target
+        ids = np.asarray(ids, dtype=np.int64)
+        if ids.shape[0] % p.n_levels:
+            raise ValueError(f"{ids.shape[0]} ids are not whole frames of {p.n_levels} levels")
+        blocks = self._part_blocks(p, ids.shape[0] // p.n_levels)
+        if np.any(ids // self.k != blocks):
+            raise ValueError(f"ids of {p.field} fall outside their codebook blocks")
+        codes = (ids - blocks * self.k).astype(np.uint16)
+        return codes if p.levels is None else codes.reshape(-1, p.n_levels).T.copy()

@@ -1,0 +1,153 @@
+"""Params of the LM stages (section ``lm`` of params.yaml) and trained-stage folders.
+
+``load_lm(params)`` reads section ``lm``: ``lm.tokens`` (codebook size,
+levels, what the token manifest must say) and one ``StageConfig`` per stage
+(``lm.semantic``, ``lm.coarse``, ``lm.fine``: crop, model size, training).
+
+A trained stage is a folder (``models/lm_<stage>``): ``model.safetensors``
+plus ``config.json`` holding the model config and the layout. Generation
+loads it with::
+
+    model, layout = load_stage("models/lm_coarse")   # Transformer (eval mode), Layout
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from cantus.config import ConfigError, from_dict, read_params, to_dict
+from cantus.training import load_weights, read_config, save_weights
+
+from .layout import STAGES, Layout, stage_spec
+from .model import GPTConfig, ModelSize, Transformer
+
+
+def _require(ok: bool, key: str, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"'{key}' {why}")
+
+
+@dataclass(frozen=True)
+class TokensConfig:
+    """What the token shards hold; ``expect`` is checked against their manifest."""
+
+    codebook_size: int         # K of every acoustic, semantic and MuLan codebook
+    acoustic_levels: int       # RVQ levels of the codec (12)
+    coarse_levels: int         # levels the coarse stage predicts (4); fine predicts the rest
+    mulan_levels: int          # RVQ levels of the MuLan tokens (12)
+    expect: dict[str, Any]     # manifest "tokenizers" entries this run requires
+
+    def __post_init__(self):
+        _require(self.codebook_size >= 2, "lm.tokens.codebook_size", "must be at least 2")
+        _require(0 < self.coarse_levels < self.acoustic_levels, "lm.tokens.coarse_levels",
+                 "must be in (0, acoustic_levels)")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    seed: int
+    steps: int                 # optimiser steps
+    batch_size: int            # crops per micro-batch per rank
+    grad_accum: int            # micro-batches per optimiser step
+    lr: float
+    min_lr_ratio: float        # the cosine ends at lr * min_lr_ratio
+    warmup_steps: int
+    weight_decay: float        # on matrices only (not norms, not the embedding)
+    betas: tuple[float, ...]
+    grad_clip: float           # max global grad norm (0: off)
+    num_workers: int           # DataLoader workers
+    shuffle_buffer: int
+    checkpoint_every: int
+    keep_checkpoints: int
+    log_every: int
+    valid_every: int           # validation every N steps (and at the end)
+    valid_samples: int         # fixed validation crops
+    unigram_samples: int       # training crops the unigram baseline is counted on
+    bf16: bool                 # autocast to bfloat16 (CUDA only)
+    compile: bool              # torch.compile the model (CUDA only)
+
+    def __post_init__(self):
+        k = "lm.<stage>.train."
+        _require(self.steps >= 1, k + "steps", "must be at least 1")
+        _require(self.batch_size >= 1, k + "batch_size", "must be at least 1")
+        _require(self.grad_accum >= 1, k + "grad_accum", "must be at least 1")
+        _require(self.lr > 0, k + "lr", "must be positive")
+        _require(0 <= self.min_lr_ratio <= 1, k + "min_lr_ratio", "must be in [0, 1]")
+        _require(0 <= self.warmup_steps < self.steps, k + "warmup_steps", "must be in [0, steps)")
+        _require(len(self.betas) == 2, k + "betas", "must be two numbers")
+        _require(self.checkpoint_every >= 1, k + "checkpoint_every", "must be at least 1")
+        _require(self.valid_every >= 1, k + "valid_every", "must be at least 1")
+        _require(self.valid_samples >= 1, k + "valid_samples", "must be at least 1")
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    crop_seconds: float        # paper: 30 / 10 / 3 s for semantic / coarse / fine
+    dedup_semantic: bool       # remove consecutive repeated semantic tokens
+    cond_dropout: float        # probability of replacing MuLan tokens by null (CFG)
+    model: ModelSize
+    train: TrainConfig
+
+    def __post_init__(self):
+        _require(self.crop_seconds > 0, "lm.<stage>.crop_seconds", "must be positive")
+        _require(0 <= self.cond_dropout < 1, "lm.<stage>.cond_dropout", "must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class LMConfig:
+    tokens: TokensConfig
+    semantic: StageConfig
+    coarse: StageConfig
+    fine: StageConfig
+
+
+def load_lm(path: str | Path) -> LMConfig:
+    data = read_params(path)
+    if "lm" not in data:
+        raise ConfigError(f"{path}: missing section 'lm'")
+    return from_dict(LMConfig, data["lm"], prefix="lm")
+
+
+def make_layout(tokens: TokensConfig, stage: str, cfg: StageConfig) -> Layout:
+    spec = stage_spec(stage, tokens.coarse_levels, tokens.acoustic_levels, tokens.mulan_levels)
+    return Layout(spec, tokens.codebook_size, cfg.crop_seconds,
+                  cfg.dedup_semantic and "semantic" in spec.fields)
+
+
+def build_model(size: ModelSize, layout: Layout) -> Transformer:
+    return Transformer(GPTConfig(**dataclasses.asdict(size), vocab_size=layout.vocab_size))
+
+
+def _plain(v: Any) -> Any:
+    return to_dict(v) if dataclasses.is_dataclass(v) else (
+        dict(v) if isinstance(v, MappingProxyType) else v)
+
+
+def save_stage(model: Transformer, layout: Layout, tokens: TokensConfig, folder: str | Path,
+               extra: dict[str, Any] | None = None) -> str:
+    """Write a trained stage folder; returns the weights' sha256."""
+    info = {"stage": layout.spec.name, "crop_seconds": layout.crop_seconds,
+            "dedup_semantic": layout.dedup, "tokens": {k: _plain(v) for k, v in
+                                                      to_dict(tokens).items()}}
+    return save_weights(model, folder, model.cfg, extra={"layout": info, **(extra or {})})
+
+
+def load_stage(folder: str | Path, device: str = "cpu") -> tuple[Transformer, Layout]:
+    """A trained stage folder -> (model in eval mode on ``device``, its Layout)."""
+    cfg = read_config(folder)
+    info = cfg["layout"]
+    fields = {f.name for f in dataclasses.fields(GPTConfig)}
+    model = Transformer(GPTConfig(**{k: v for k, v in cfg.items() if k in fields}))
+    t = info["tokens"]
+    spec = stage_spec(info["stage"], t["coarse_levels"], t["acoustic_levels"], t["mulan_levels"])
+    layout = Layout(spec, t["codebook_size"], info["crop_seconds"], info["dedup_semantic"])
+    load_weights(model, folder, device=device)
+    return model.to(device).eval(), layout
+
+
+__all__ = ["STAGES", "LMConfig", "StageConfig", "TokensConfig", "TrainConfig", "build_model",
+           "load_lm", "load_stage", "make_layout", "save_stage"]
