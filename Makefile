@@ -12,9 +12,11 @@ install:
 demo: install
 	$(PY) -m dvc repro
 	@echo ""
-	@echo "Demo corpus:   data/demo/ (FLAC renderings + captions.jsonl)"
-	@echo "Audio shards:  data/audio/ (train-*.tar, valid-*.tar, manifest.parquet, rejects.parquet)"
-	@echo "Ingest stats:  metrics/ingest.json   (dvc metrics show)"
+	@echo "Demo corpus:    data/demo/ (FLAC renderings + captions.jsonl)"
+	@echo "Audio shards:   data/audio/ (train-*.tar, valid-*.tar, manifest.parquet, rejects.parquet)"
+	@echo "Models:         models/ (codec, semantic, semantic_kmeans, mulan, mulan_rvq, lm_*)"
+	@echo "Token shards:   data/tokens/ (train-*.tar, valid-*.tar, index.parquet, manifest.json)"
+	@echo "Metrics:        metrics/*.json  ->  dvc metrics show;  curves: dvc plots show"
 
 test: install
 	$(PY) -m pytest -q
