@@ -1,0 +1,148 @@
+"""Benchmark the tokenize stage against the same models in a plain loop.
+
+Measured side by side in one run, on the same chunks (taken from the demo
+audio shards, rewritten into shards of 4) and the same trained demo models:
+
+- pipeline throughput (audio-seconds per wall-second, all three fields, one
+  model actor each) against a plain Python loop that decodes each chunk and
+  calls the three tokenizers in-process (target ratio >= 0.9);
+- the pipeline with 2 actors per field against 1 (target >= 1.7x);
+- peak RSS of the whole process tree for N and 2N chunks (target: within 15%).
+
+Both sides include loading the models. Run ``dvc repro pack_tokens`` first so
+the models exist.
+
+    python bench/tokenize.py [--chunks 12]
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# Run as a script, this file's folder comes first on sys.path, and its name
+# would shadow the standard library's tokenize (which linecache, inspect and so
+# torch import). Drop that entry before anything else is imported.
+if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
+    sys.path.pop(0)
+
+import argparse
+import dataclasses
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = {"codec": "models/codec", "semantic": "models/semantic",
+          "semantic_kmeans": "models/semantic_kmeans", "mulan": "models/mulan",
+          "mulan_rvq": "models/mulan_rvq"}
+FIELDS = {"acoustic": ("codec",), "semantic": ("semantic", "semantic_kmeans"),
+          "mulan": ("mulan", "mulan_rvq")}
+
+
+def make_shards(folder: Path, chunks: int, per_shard: int = 4) -> float:
+    """``chunks`` samples of the demo train shards (cycled) as shards; returns audio seconds."""
+    import json
+
+    from cantus import shards
+
+    src = [s for p in sorted((ROOT / "data/audio").glob("train-*.tar"))
+           for s in shards.iter_samples(p)]
+    picked = [(f"{key[:24]}{i:08x}", fields) for i, (key, fields)
+              in enumerate(src[i % len(src)] for i in range(chunks))]
+    folder.mkdir(parents=True)
+    for n in range(0, chunks, per_shard):
+        shards.write_shard(folder / f"train-{n // per_shard:06d}.tar", picked[n:n + per_shard])
+    return sum(json.loads(f["json"])["duration_s"] for _, f in picked)
+
+
+def plain_loop(folder: Path) -> float:
+    """Wall seconds for decode + the three tokenizers, one chunk at a time, in-process."""
+    import torch
+
+    from cantus import audio, shards
+    from cantus.audio_stream import decode_sample
+    from cantus.tokenize.fields import load_field
+
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    toks = [load_field(f, {m: str(ROOT / MODELS[m]) for m in ms}) for f, ms in FIELDS.items()]
+    for path in sorted(folder.glob("*.tar")):
+        for _, fields in shards.iter_samples(path):
+            x, meta = decode_sample(fields)
+            for tok in toks:
+                tok.encode_batch([audio.resample(x, meta["sample_rate"], tok.sample_rate)])
+    return time.perf_counter() - t0
+
+
+def pipeline(folder: Path, work: Path, actors: int) -> float:
+    """Wall seconds for the three field stages on Ray with ``actors`` actors each."""
+    import ray
+
+    from cantus.parallel import init_ray
+    from cantus.tokenize import run as tokenize
+
+    cfg = dataclasses.replace(tokenize.load_config(ROOT / "params.yaml"), executor="ray",
+                              actors=actors, max_in_flight=2 * actors)
+    init_ray(num_cpus=2)
+    try:
+        t0 = time.perf_counter()
+        for field, ms in FIELDS.items():
+            tokenize.run(cfg, field, folder, {m: str(ROOT / MODELS[m]) for m in ms},
+                         work / f"{field}_{actors}")
+        return time.perf_counter() - t0
+    finally:
+        ray.shutdown()
+
+
+def peak_rss(folder: Path, out: Path) -> float:
+    """Peak MiB of the whole process tree of one acoustic-field CLI run on Ray."""
+    import psutil
+
+    cmd = [sys.executable, "-m", "cantus.tokenize.run", "--params", str(ROOT / "params.yaml"),
+           "--field", "acoustic", "--audio", str(folder), "--codec", str(ROOT / MODELS["codec"]),
+           "--out", str(out)]
+    proc = psutil.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    peak = 0
+    while proc.poll() is None:
+        try:
+            procs = [proc] + proc.children(recursive=True)
+            peak = max(peak, sum(p.memory_info().rss for p in procs if p.is_running()))
+        except psutil.Error:
+            pass
+        time.sleep(0.05)
+    if proc.returncode:
+        raise RuntimeError(f"tokenize failed ({proc.returncode}): {' '.join(cmd)}")
+    return peak / 2**20
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--chunks", type=int, default=12, help="N (the RSS check also runs 2N)")
+    args = ap.parse_args(argv)
+    missing = [m for m in MODELS.values() if not (ROOT / m).is_dir()]
+    if missing:
+        print(f"missing models {missing}: run `dvc repro pack_tokens` first", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory(prefix="cantus-bench-tok-") as tmp:
+        work = Path(tmp)
+        secs = make_shards(work / "n", args.chunks)
+        make_shards(work / "2n", 2 * args.chunks)
+        print(f"{args.chunks} chunks, {secs:.0f} s of audio; demo models; 3 fields")
+        loop = plain_loop(work / "n")
+        one = pipeline(work / "n", work, 1)
+        two = pipeline(work / "n", work, 2)
+        print(f"plain loop          : {secs / loop:6.1f}x real time")
+        print(f"pipeline, 1 actor   : {secs / one:6.1f}x real time   ratio to loop "
+              f"{loop / one:5.2f} (target >= 0.9)")
+        print(f"pipeline, 2 actors  : {secs / two:6.1f}x real time   2 vs 1: "
+              f"{one / two:5.2f}x (target >= 1.7x)")
+        rss_n, rss_2n = peak_rss(work / "n", work / "rss_n"), peak_rss(work / "2n", work / "rss_2n")
+        print(f"peak RSS (acoustic field, process tree): N {rss_n:.0f} MiB, 2N {rss_2n:.0f} MiB, "
+              f"ratio {rss_2n / rss_n:5.3f} (target <= 1.15)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
