@@ -47,3 +47,19 @@ def read_dir_bytes(path: Path) -> dict[str, bytes]:
     """Every file under ``path`` (relative name -> bytes), for byte-identity checks."""
     return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*"))
             if p.is_file()}
+
+
+def audio_shards(tmp: Path, files: int, seconds: float, seed: int, chunk_seconds: float,
+                 valid_fraction: float = 0.0, min_chunk_seconds: float = 0.5,
+                 rate: int = 44100) -> Path:
+    """Real ingest output for ``files`` seeded melodies: the audio shard folder ``tmp/out``."""
+    from cantus.ingest import run as ingest
+
+    for i in range(files):
+        write(tmp / "src" / f"t{i}.flac", melody(seed + i, seconds, rate=rate), rate=rate)
+    base = load_section(ROOT / "params.yaml", "ingest", IngestConfig)
+    cfg = dataclasses.replace(base, executor="local", chunk_seconds=chunk_seconds,
+                              hop_seconds=chunk_seconds, min_chunk_seconds=min_chunk_seconds,
+                              shard_max_samples=4, valid_fraction=valid_fraction)
+    ingest.run(cfg, ingest.Inputs(local=(str(tmp / "src"),)), tmp / "out", tmp / "cache")
+    return tmp / "out"

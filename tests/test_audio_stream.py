@@ -6,26 +6,12 @@ import pytest
 import torch
 
 from cantus.audio_stream import AudioBatches, load_all, shard_paths
-from cantus.ingest import run as ingest
-from conftest import melody, write
+from conftest import audio_shards
 
 
 @pytest.fixture(scope="module")
 def shard_dir(tmp_path_factory):
-    import dataclasses
-
-    from cantus.config import load_section
-    from cantus.ingest.params import IngestConfig
-    from conftest import ROOT
-
-    tmp = tmp_path_factory.mktemp("stream")
-    for i in range(7):
-        write(tmp / "src" / f"t{i}.flac", melody(500 + i, 6.5))
-    cfg = dataclasses.replace(load_section(ROOT / "params.yaml", "ingest", IngestConfig),
-                              executor="local", chunk_seconds=3.0, hop_seconds=3.0,
-                              min_chunk_seconds=0.5, shard_max_samples=4, valid_fraction=0.0)
-    ingest.run(cfg, ingest.Inputs(local=(str(tmp / "src"),)), tmp / "out", tmp / "cache")
-    return tmp / "out"
+    return audio_shards(tmp_path_factory.mktemp("stream"), 7, 6.5, seed=500, chunk_seconds=3.0)
 
 
 def _take(batches, n):

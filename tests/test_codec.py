@@ -12,7 +12,7 @@ from cantus.tokenize import eval_codec, train_codec
 from cantus.tokenize.codec_losses import DiscConfig
 from cantus.tokenize.codec_model import CodecConfig, SoundStream
 from cantus.tokenize.rvq import ResidualVQ
-from conftest import ROOT, melody, write
+from conftest import ROOT, audio_shards, melody
 
 torch.set_num_threads(1)
 
@@ -30,17 +30,8 @@ def _tiny_params(**train) -> train_codec.CodecParams:
 
 @pytest.fixture(scope="module")
 def shard_dir(tmp_path_factory):
-    from cantus.ingest import run as ingest
-    from cantus.ingest.params import IngestConfig
-
-    tmp = tmp_path_factory.mktemp("codec")
-    for i in range(3):
-        write(tmp / "src" / f"t{i}.flac", melody(700 + i, 3.0, rate=24000), rate=24000)
-    cfg = dataclasses.replace(load_section(ROOT / "params.yaml", "ingest", IngestConfig),
-                              executor="local", chunk_seconds=1.5, hop_seconds=1.5,
-                              min_chunk_seconds=0.5, shard_max_samples=4, valid_fraction=0.0)
-    ingest.run(cfg, ingest.Inputs(local=(str(tmp / "src"),)), tmp / "out", tmp / "cache")
-    return tmp / "out"
+    return audio_shards(tmp_path_factory.mktemp("codec"), 3, 3.0, seed=700, chunk_seconds=1.5,
+                        rate=24000)
 
 
 def test_shapes_strides_and_causality():

@@ -189,7 +189,7 @@ def test_rerun_is_byte_identical_and_uses_the_cache(tmp_path, cfg):
     src = tmp_path / "src"
     make_bad_and_good(src)
     a = ingest.run(cfg, ingest.Inputs(local=(str(src),)), tmp_path / "a", tmp_path / "c1")
-    b = ingest.run(cfg, ingest.Inputs(local=(str(src),)), tmp_path / "b", tmp_path / "c2")
+    ingest.run(cfg, ingest.Inputs(local=(str(src),)), tmp_path / "b", tmp_path / "c2")
     c = ingest.run(cfg, ingest.Inputs(local=(str(src),)), tmp_path / "b", tmp_path / "c2")
     assert read_dir_bytes(tmp_path / "a") == read_dir_bytes(tmp_path / "b")
     assert a["inputs_cached"] == 0 and a["inputs_processed"] > 10

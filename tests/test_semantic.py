@@ -12,7 +12,7 @@ from cantus.tokenize import semantic_kmeans as sk
 from cantus.tokenize import semantic_metrics as smet
 from cantus.tokenize import semantic_model as sm
 from cantus.tokenize import semantic_pretrain as sp
-from conftest import ROOT, melody, write
+from conftest import ROOT, audio_shards, melody
 
 PRETRAIN = dict(seed=0, steps=4, batch_size=2, crop_seconds=1.0, lr=3e-3, warmup_steps=1,
                 weight_decay=0.0, grad_clip=1.0, mask_prob=0.2, mask_length=3, codebook_size=16,
@@ -42,17 +42,8 @@ def tiny_model():
 
 @pytest.fixture(scope="module")
 def shard_dir(tmp_path_factory):
-    from cantus.ingest import run as ingest
-    from cantus.ingest.params import IngestConfig
-
-    tmp = tmp_path_factory.mktemp("semantic")
-    for i in range(3):
-        write(tmp / "src" / f"t{i}.flac", melody(40 + i, 4.5))
-    cfg = dataclasses.replace(load_section(ROOT / "params.yaml", "ingest", IngestConfig),
-                              executor="local", chunk_seconds=2.0, hop_seconds=2.0,
-                              min_chunk_seconds=0.5, shard_max_samples=4, valid_fraction=0.34)
-    ingest.run(cfg, ingest.Inputs(local=(str(tmp / "src"),)), tmp / "out", tmp / "cache")
-    return tmp / "out"
+    return audio_shards(tmp_path_factory.mktemp("semantic"), 3, 4.5, seed=40,
+                        chunk_seconds=2.0, valid_fraction=0.34)
 
 
 @pytest.fixture(scope="module")

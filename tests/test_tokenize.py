@@ -16,7 +16,7 @@ import webdataset as wds
 import yaml
 
 from cantus.tokens import ManifestMismatch, check_manifest, iter_token_samples
-from conftest import ROOT, melody, read_dir_bytes, write
+from conftest import ROOT, audio_shards, read_dir_bytes
 
 FIELD_ARGS = {"acoustic": ("codec",), "semantic": ("semantic", "semantic_kmeans"),
               "mulan": ("mulan", "mulan_rvq")}
@@ -60,18 +60,10 @@ def _tiny_models(tmp, audio_dir):
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    from cantus.config import load_section
-    from cantus.ingest import run as ingest
-    from cantus.ingest.params import IngestConfig
-
     tmp = tmp_path_factory.mktemp("tok")
-    for i in range(5):
-        write(tmp / "src" / f"t{i}.flac", melody(700 + i, 7.0))
-    cfg = dataclasses.replace(load_section(ROOT / "params.yaml", "ingest", IngestConfig),
-                              executor="local", chunk_seconds=3.0, hop_seconds=3.0,
-                              min_chunk_seconds=0.9, shard_max_samples=4, valid_fraction=0.3)
-    ingest.run(cfg, ingest.Inputs(local=(str(tmp / "src"),)), tmp / "audio", tmp / "cache")
-    return tmp, tmp / "audio", _tiny_models(tmp, tmp / "audio")
+    audio = audio_shards(tmp, 5, 7.0, seed=700, chunk_seconds=3.0, valid_fraction=0.3,
+                         min_chunk_seconds=0.9)
+    return tmp, audio, _tiny_models(tmp, audio)
 
 
 def _cfg(**kw):
