@@ -63,3 +63,14 @@ def audio_shards(tmp: Path, files: int, seconds: float, seed: int, chunk_seconds
                               shard_max_samples=4, valid_fraction=valid_fraction)
     ingest.run(cfg, ingest.Inputs(local=(str(tmp / "src"),)), tmp / "out", tmp / "cache")
     return tmp / "out"
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread: on a loaded 2-core machine two OpenMP threads spin against each other."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -22,13 +22,7 @@ from conftest import ROOT
 K = 1024
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """On a loaded 2-core machine two OpenMP threads spin against each other (20x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tokens(seed=0, seconds=2.0):

@@ -19,13 +19,7 @@ from cantus.train.synthetic import write_synthetic_tokens
 from conftest import ROOT
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """On a loaded 2-core machine two OpenMP threads spin against each other (20x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_cfg(stage: str, dropout: float = 0.1, **train):
