@@ -78,6 +78,20 @@ class Checkpoints:
             (self.folder / f"step-{old:08d}.pt").unlink(missing_ok=True)
         return path
 
+    def resume(self, run_id: str, clear: bool = True) -> dict[str, Any] | None:
+        """The latest checkpoint if it was written by run ``run_id``; otherwise None,
+        and (when ``clear``: rank 0 under DDP) the stale checkpoints are removed."""
+        state = self.latest()
+        if state is None or state.get("run_id") == run_id:
+            return state
+        log.warning("checkpoints in %s are of other params, code or data: starting afresh",
+                    self.folder)
+        if clear:
+            import shutil
+
+            shutil.rmtree(self.folder, ignore_errors=True)
+        return None
+
     def latest(self) -> dict[str, Any] | None:
         steps = self.steps()
         if not steps:
@@ -85,6 +99,19 @@ class Checkpoints:
         path = self.folder / f"step-{steps[-1]:08d}.pt"
         log.info("resuming from %s", path)
         return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def run_id(head: str, modules: list[str | Path], paths: list[str]) -> str:
+    """What a checkpoint must match to be resumed: ``head`` (params), the code of
+    ``modules`` and the names and sizes of the data shards."""
+    import hashlib
+
+    h = hashlib.sha256(head.encode())
+    for module in modules:
+        h.update(Path(module).read_bytes())
+    for p in paths:
+        h.update(f"{Path(p).name}:{os.path.getsize(p)}".encode())
+    return h.hexdigest()[:16]
 
 
 def save_weights(model: torch.nn.Module, folder: str | Path, config: Any,

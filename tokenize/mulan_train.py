@@ -26,7 +26,6 @@ import logging
 import math
 import os
 import random
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +37,7 @@ from cantus.audio_stream import AudioBatches, shard_paths
 from cantus.config import config_hash, load_section
 from cantus.tokenize.mulan_model import Mulan, build_mulan
 from cantus.tokenize.mulan_params import MulanConfig
+from cantus.training import run_id as training_run_id
 from cantus.training import (Checkpoints, Metrics, progress, rng_state, save_weights,
                              set_rng_state)
 
@@ -161,22 +161,10 @@ def _distributed() -> tuple[int, int]:
 
 def run_id(cfg: MulanConfig, paths: list[str]) -> str:
     """What a checkpoint must match to be resumed: params, this code, the shards."""
-    h = hashlib.sha256(config_hash(cfg).encode())
-    for module in ("mulan_model.py", "mulan_params.py", "mulan_train.py"):
-        h.update((Path(__file__).parent / module).read_bytes())
-    for p in paths:
-        h.update(f"{Path(p).name}:{os.path.getsize(p)}".encode())
-    return h.hexdigest()[:16]
-
-
-def _resume(ckpts: Checkpoints, want: str) -> dict[str, Any] | None:
-    state = ckpts.latest()
-    if state is not None and state.get("run_id") != want:
-        log.warning("checkpoints in %s are of other params, code or data: starting afresh",
-                    ckpts.folder)
-        shutil.rmtree(ckpts.folder, ignore_errors=True)
-        return None
-    return state
+    here = Path(__file__).parent
+    return training_run_id(config_hash(cfg), [here / m for m in
+                                              ("mulan_model.py", "mulan_params.py",
+                                               "mulan_train.py")], paths)
 
 
 def train_step(model: torch.nn.Module, opt, sched, batch: dict, texts: list[str],
@@ -218,7 +206,7 @@ def run(cfg: MulanConfig, inputs: Inputs, out: str | Path, device: str = "cpu",
                         world=world, with_meta=True)
     ckpts = Checkpoints(inputs.checkpoints, t.keep_checkpoints)
     parts = {"model": core, "optimiser": opt, "schedule": sched, "data": data}
-    state, step = _resume(ckpts, want), 0
+    state, step = ckpts.resume(want), 0
     if state is not None:
         for name, part in parts.items():
             part.load_state_dict(state[name])

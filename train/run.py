@@ -26,12 +26,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import logging
 import math
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +42,7 @@ from cantus.audio_stream import shard_paths
 from cantus.config import config_hash
 from cantus.tokens import check_manifest
 from cantus.training import Checkpoints, Metrics, progress, rng_state, set_rng_state
+from cantus.training import run_id as training_run_id
 
 from .data import TokenBatches, batched, fixed_crops
 from .layout import STAGES, Layout
@@ -184,23 +183,10 @@ def unigram_nll(layout: Layout, train: list[dict], valid: list[dict]) -> float:
 
 def run_id(stage: str, cfg: StageConfig, tokens: TokensConfig, paths: list[str]) -> str:
     """What a checkpoint must match to be resumed: params, this code, the shards."""
-    h = hashlib.sha256(f"{stage}:{config_hash(cfg)}:{config_hash(tokens)}".encode())
-    for module in ("model.py", "layout.py", "data.py", "run.py", "stage.py"):
-        h.update((Path(__file__).parent / module).read_bytes())
-    for p in paths:
-        h.update(f"{Path(p).name}:{os.path.getsize(p)}".encode())
-    return h.hexdigest()[:16]
-
-
-def _resume(ckpts: Checkpoints, want: str) -> dict[str, Any] | None:
-    state = ckpts.latest()
-    if state is not None and state.get("run_id") != want:
-        log.warning("checkpoints in %s are of other params, code or data: starting afresh",
-                    ckpts.folder)
-        if _distributed()[0] == 0:
-            shutil.rmtree(ckpts.folder, ignore_errors=True)
-        return None
-    return state
+    here = Path(__file__).parent
+    return training_run_id(f"{stage}:{config_hash(cfg)}:{config_hash(tokens)}",
+                           [here / m for m in ("model.py", "layout.py", "data.py", "run.py",
+                                               "stage.py")], paths)
 
 
 def expected_tokenizers(tokens: TokensConfig, extra: dict | None = None) -> dict[str, dict]:
@@ -258,7 +244,7 @@ def run(cfg: LMConfig, stage: str, inputs: Inputs, out: str | Path | None,
     t, (rank, world) = getattr(cfg, stage).train, _distributed()
     layout, core, model, opt, data, valid, unigram, want = _setup(stage, cfg, inputs, dev)
     ckpts, step = Checkpoints(inputs.checkpoints, t.keep_checkpoints), 0
-    state = _resume(ckpts, want)
+    state = ckpts.resume(want, clear=_distributed()[0] == 0)
     if state is not None:
         core.load_state_dict(state["model"])
         opt.load_state_dict(state["optimiser"])
