@@ -2,6 +2,7 @@
 
     cantus demo   --out data/demo          render the embedded demo corpus
     cantus ingest --source DIR --out DIR   sources -> audio shards
+    cantus generate "a fast Irish reel on fiddle" --seconds 10 --out reel.wav
 
 Each subcommand is the ``main`` of a stage module (``python -m
 cantus.<stage>.<step>`` runs the same code; dvc.yaml uses that form).
@@ -15,6 +16,8 @@ import sys
 COMMANDS = {
     "demo": ("cantus.ingest.demo", "render the demo corpus from music21 scores"),
     "ingest": ("cantus.ingest.run", "decode, clean, chunk and shard audio sources"),
+    "generate": ("cantus.train.generate", "text or an audio prompt -> music (WAV)"),
+    "evaluate": ("cantus.evaluate.run", "score generations, gather metrics, write the report"),
 }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
@@ -51,12 +52,14 @@ def read_dir_bytes(path: Path) -> dict[str, bytes]:
 
 def audio_shards(tmp: Path, files: int, seconds: float, seed: int, chunk_seconds: float,
                  valid_fraction: float = 0.0, min_chunk_seconds: float = 0.5,
-                 rate: int = 44100) -> Path:
+                 rate: int = 44100, sidecars: list[dict] | None = None) -> Path:
     """Real ingest output for ``files`` seeded melodies: the audio shard folder ``tmp/out``."""
     from cantus.ingest import run as ingest
 
     for i in range(files):
         write(tmp / "src" / f"t{i}.flac", melody(seed + i, seconds, rate=rate), rate=rate)
+        if sidecars:  # caption and tags of each file
+            (tmp / "src" / f"t{i}.json").write_text(json.dumps(sidecars[i % len(sidecars)]))
     base = load_section(ROOT / "params.yaml", "ingest", IngestConfig)
     cfg = dataclasses.replace(base, executor="local", chunk_seconds=chunk_seconds,
                               hop_seconds=chunk_seconds, min_chunk_seconds=min_chunk_seconds,
@@ -74,3 +77,40 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def tiny_tokenizer_models(tmp: Path, audio_dir: Path, codec_cfg=None) -> dict[str, str]:
+    """Tiny codec, w2v-BERT + k-means (K 8) and MuLan + RVQ (12 x 4) made in the test."""
+    import hashlib
+
+    import torch
+
+    from cantus.tokenize import semantic_kmeans as sk
+    from cantus.tokenize import semantic_model as sm
+    from cantus.tokenize.codec_model import CodecConfig, SoundStream
+    from cantus.tokenize.mulan_model import build_mulan
+    from cantus.tokenize.mulan_params import MulanModelConfig
+    from cantus.tokenize.mulan_rvq import ResidualKMeans, fit_embeddings
+    from cantus.audio_stream import load_all, shard_paths
+    from cantus.training import save_weights
+
+    torch.manual_seed(0)
+    models = {"codec": tmp / "codec", "semantic": tmp / "semantic",
+              "semantic_kmeans": tmp / "semantic_kmeans", "mulan": tmp / "mulan",
+              "mulan_rvq": tmp / "mulan_rvq"}
+    SoundStream(codec_cfg or CodecConfig.tiny()).save(models["codec"])
+    ckpt = tmp / "w2v"
+    sm.build("tiny").save_pretrained(str(ckpt))
+    models["semantic"].mkdir()
+    (models["semantic"] / "manifest.json").write_text(json.dumps(
+        {"source": "checkpoint", "checkpoint": str(ckpt), "hash": sm.checkpoint_hash(ckpt)}))
+    sk.run(sk.KMeansConfig(layer=0, token_rate=25, clusters=8, max_frames=400, iterations=5,
+                           restarts=1, seed=0, batch_size=2, device="cpu"),
+           models["semantic"], audio_dir, models["semantic_kmeans"])
+    mulan = build_mulan(MulanModelConfig.tiny(), seed=0).eval()
+    save_weights(mulan, models["mulan"], mulan.cfg)
+    audio = [x for x, _ in load_all(shard_paths(audio_dir, "train"))]
+    emb = fit_embeddings(mulan, audio, 1.0)
+    digest = hashlib.sha256((models["mulan"] / "model.safetensors").read_bytes()).hexdigest()
+    ResidualKMeans.fit(emb, 12, 4, 5, 0).save(models["mulan_rvq"], {"mulan_sha256": digest})
+    return {k: str(v) for k, v in models.items()}

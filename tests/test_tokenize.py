@@ -16,46 +16,10 @@ import webdataset as wds
 import yaml
 
 from cantus.tokens import ManifestMismatch, check_manifest, iter_token_samples
-from conftest import ROOT, audio_shards, read_dir_bytes
+from conftest import ROOT, audio_shards, read_dir_bytes, tiny_tokenizer_models
 
 FIELD_ARGS = {"acoustic": ("codec",), "semantic": ("semantic", "semantic_kmeans"),
               "mulan": ("mulan", "mulan_rvq")}
-
-
-def _tiny_models(tmp, audio_dir):
-    import torch
-
-    from cantus.tokenize import semantic_kmeans as sk
-    from cantus.tokenize import semantic_model as sm
-    from cantus.tokenize.codec_model import CodecConfig, SoundStream
-    from cantus.tokenize.mulan_model import build_mulan
-    from cantus.tokenize.mulan_params import MulanModelConfig
-    from cantus.tokenize.mulan_rvq import ResidualKMeans, fit_embeddings
-    from cantus.audio_stream import load_all, shard_paths
-    from cantus.training import save_weights
-
-    torch.manual_seed(0)
-    models = {"codec": tmp / "codec", "semantic": tmp / "semantic",
-              "semantic_kmeans": tmp / "semantic_kmeans", "mulan": tmp / "mulan",
-              "mulan_rvq": tmp / "mulan_rvq"}
-    SoundStream(CodecConfig.tiny()).save(models["codec"])
-    ckpt = tmp / "w2v"
-    sm.build("tiny").save_pretrained(str(ckpt))
-    models["semantic"].mkdir()
-    (models["semantic"] / "manifest.json").write_text(json.dumps(
-        {"source": "checkpoint", "checkpoint": str(ckpt), "hash": sm.checkpoint_hash(ckpt)}))
-    sk.run(sk.KMeansConfig(layer=0, token_rate=25, clusters=8, max_frames=400, iterations=5,
-                           restarts=1, seed=0, batch_size=2, device="cpu"),
-           models["semantic"], audio_dir, models["semantic_kmeans"])
-    mulan = build_mulan(MulanModelConfig.tiny(), seed=0).eval()
-    save_weights(mulan, models["mulan"], mulan.cfg)
-    audio = [x for x, _ in load_all(shard_paths(audio_dir, "train"))]
-    emb = fit_embeddings(mulan, audio, 1.0)
-    import hashlib
-
-    digest = hashlib.sha256((models["mulan"] / "model.safetensors").read_bytes()).hexdigest()
-    ResidualKMeans.fit(emb, 12, 4, 5, 0).save(models["mulan_rvq"], {"mulan_sha256": digest})
-    return {k: str(v) for k, v in models.items()}
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +27,7 @@ def corpus(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tok")
     audio = audio_shards(tmp, 5, 7.0, seed=700, chunk_seconds=3.0, valid_fraction=0.3,
                          min_chunk_seconds=0.9)
-    return tmp, audio, _tiny_models(tmp, audio)
+    return tmp, audio, tiny_tokenizer_models(tmp, audio)
 
 
 def _cfg(**kw):

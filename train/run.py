@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from cantus.audio_stream import shard_paths
 from cantus.config import config_hash
-from cantus.tokens import check_manifest
+from cantus.tokens import check_manifest, read_manifest
 from cantus.training import Checkpoints, Metrics, progress, rng_state, set_rng_state
 from cantus.training import run_id as training_run_id
 
@@ -286,9 +286,12 @@ def run(cfg: LMConfig, stage: str, inputs: Inputs, out: str | Path | None,
                "unigram_ppl": math.exp(unigram), "seconds": seconds,
                "tokens_per_s": tokens / max(1e-9, seconds), "params": core.num_params()}
     if step >= t.steps and out is not None and rank == 0:
+        # the tokenizers the stage was trained on, so a generator can refuse others
+        tokenizers = read_manifest(inputs.tokens).get("tokenizers", {})
         summary["sha256"] = save_stage(core, layout, cfg.tokens, out,
                                        extra={"summary": {k: v for k, v in summary.items()
-                                                          if k != "losses"}})
+                                                          if k != "losses"},
+                                              "tokenizers": tokenizers})
     if metrics is not None:
         metrics.close()
     return summary

@@ -1,0 +1,129 @@
+"""A self-contained HTML report: metrics beside baselines, players and spectrograms.
+
+Goes in: the metrics table rows, the example clips (float32 audio), and the
+gathered stage metrics. Comes out: one HTML file with every image and sound
+embedded as a data URI, so it can be mailed or opened offline.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cantus.audio import resample
+
+
+def wav_uri(audio: np.ndarray, rate: int, out_rate: int = 16000) -> str:
+    """A 16-bit mono WAV data URI (downsampled to keep the page small)."""
+    import soundfile as sf
+
+    buf = io.BytesIO()
+    sf.write(buf, np.clip(resample(np.asarray(audio, np.float32), rate, out_rate), -1, 1),
+             out_rate, format="WAV", subtype="PCM_16")
+    return "data:audio/wav;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def png_uri(fig) -> str:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def spectrogram_uri(audio: np.ndarray, rate: int, title: str) -> str:
+    """A log-magnitude STFT image of ``audio`` (0 to 8 kHz)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n_fft, hop = 1024, 256
+    x = np.asarray(audio, np.float32)
+    x = np.pad(x, (0, max(0, n_fft - len(x))))
+    frames = np.lib.stride_tricks.sliding_window_view(x, n_fft)[::hop] * np.hanning(n_fft)
+    spec = 20 * np.log10(np.abs(np.fft.rfft(frames, axis=1)).T + 1e-5)
+    top = int(8000 / (rate / n_fft))
+    fig, ax = plt.subplots(figsize=(5, 2.2))
+    ax.imshow(spec[:top], origin="lower", aspect="auto", cmap="magma",
+              vmin=spec.max() - 80, vmax=spec.max(),
+              extent=(0, len(x) / rate, 0, top * rate / n_fft / 1000))
+    ax.set(title=title, xlabel="s", ylabel="kHz")
+    return png_uri(fig)
+
+
+def bars_uri(rows: list[dict[str, Any]]) -> str:
+    """Each comparable metric beside its baselines, as grouped horizontal bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if isinstance(r.get("value"), (int, float))]
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(rows) + 1))
+    colours = {"cantus": "#d95f02", "baseline": "#7570b3", "reference": "#1b9e77"}
+    labels = [f"{r['metric']}: {r['series']}" for r in rows]
+    ax.barh(range(len(rows)), [r["value"] for r in rows],
+            color=[colours.get(r["role"], "grey") for r in rows])
+    ax.set_yticks(range(len(rows)), labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_title("orange: generated · purple: chance / baseline · green: real-audio reference",
+                 fontsize=8)
+    return png_uri(fig)
+
+
+CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}
+table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;
+font-size:14px}th{background:#f3f3f3}td.num{text-align:right;font-variant-numeric:tabular-nums}
+.ex{display:flex;gap:1em;flex-wrap:wrap;margin-bottom:1.5em}.clip{width:48%}
+audio{width:100%}img{max-width:100%}code{background:#f3f3f3;padding:1px 4px}"""
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return html.escape(str(v))
+
+
+def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    body = "".join("<tr>" + "".join(
+        f"<td class='num'>{_fmt(r.get(c, ''))}</td>" if isinstance(r.get(c), (int, float))
+        else f"<td>{_fmt(r.get(c, ''))}</td>" for c in columns) + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def render(path: str | Path, summary: dict[str, Any], scores: list[dict[str, Any]],
+           stages: list[dict[str, Any]], examples: list[dict[str, Any]]) -> None:
+    """Write the report. ``examples``: dicts with prompt, gen (audio), real (audio or None),
+    rate, and a note."""
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>Cantus evaluation"
+             f"</title><style>{CSS}</style></head><body>",
+             "<h1>Cantus: generation and evaluation</h1>",
+             f"<p>{html.escape(summary['intro'])}</p>",
+             "<h2 id='metrics'>Generation metrics</h2>",
+             table(scores, ["metric", "series", "role", "value", "n", "note"]),
+             f"<img alt='metrics beside baselines' src='{bars_uri(scores)}'>",
+             "<h2 id='stages'>Earlier stages</h2>",
+             table(stages, ["stage", "metric", "value", "baseline", "baseline_name"]),
+             "<h2 id='examples'>Examples</h2>"]
+    for ex in examples:
+        parts.append(f"<h3>{html.escape(ex['prompt'])}</h3><p>{html.escape(ex['note'])}</p>"
+                     "<div class='ex'>")
+        for label, audio in (("generated", ex["gen"]), ("real", ex.get("real"))):
+            if audio is None:
+                continue
+            parts.append(f"<div class='clip'><b>{label}</b><br>"
+                         f"<audio controls src='{wav_uri(audio, ex['rate'])}'></audio>"
+                         f"<img alt='{label} spectrogram' "
+                         f"src='{spectrogram_uri(audio, ex['rate'], label)}'></div>")
+        parts.append("</div>")
+    parts.append(f"<p><small>{html.escape(summary['footer'])}</small></p></body></html>")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text("\n".join(parts), encoding="utf-8")

@@ -1,0 +1,284 @@
+"""Score the generations the way MusicLM does, gather every stage's figures, write a report.
+
+Goes in: ``generate_eval``'s folder (``gen-NNN.wav`` + ``prompts.json``), the
+audio shards (real references), the trained MuLan + RVQ and codec, the
+earlier stages' metrics folder, sections ``evaluate`` and ``mulan.eval``.
+Comes out, in ``--out``: ``metrics.json`` (for ``dvc metrics show``),
+``plots/scores.json`` (bars for ``dvc plots show``) and ``report.html``.
+
+    python -m cantus.evaluate.run --params params.yaml --generated data/generated \
+        --audio data/audio --models models --metrics metrics --out reports
+
+Every figure stands beside a baseline:
+- MCC of generations and their prompts; real valid audio with its own caption
+  (upper reference); generations with the other prompts (chance);
+- FAD of generations against real valid audio (MuLan or a local embedding);
+  real train audio against the same (what real music of this corpus scores);
+- KLD of MuLan zero-shot tag distributions, generation against its real chunk;
+  the same with the pairs shuffled (chance);
+- instrument adherence against chance (1 / classes) and the prior (how often the
+  classifier names that instrument in other prompts' generations), beside the
+  classifier's accuracy on real chunks of those instruments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import soundfile as sf
+import torch
+
+from cantus.audio_stream import load_all, shard_paths
+from cantus.config import load_section
+from cantus.shards import atomic_write_json
+
+from . import metrics as M
+from .embedding import embed_all, load_embedder
+from .generate_eval import instruments_of
+from .params import EvaluateConfig
+from .report import render
+
+log = logging.getLogger(__name__)
+
+
+def _crop(x: np.ndarray, n: int) -> np.ndarray:
+    return np.asarray(x[:n], np.float32)
+
+
+def tag_probs(model, audio: np.ndarray, classes: list[str], template: str) -> np.ndarray:
+    """MuLan zero-shot distribution over ``classes``: float[N, C] (softmax of scaled cosines)."""
+    with torch.no_grad():
+        text = model.embed_text([template.format(c) for c in classes]).cpu().numpy()
+        scale = float(model.scale())
+    return M.softmax(scale * (audio @ text.T))
+
+
+def _classes(metas: list[dict], tag: str) -> list[str]:
+    out = set()
+    for m in metas:
+        tags = m.get("tags")
+        v = tags.get(tag) if isinstance(tags, dict) else None
+        out.update(str(x) for x in (v if isinstance(v, (list, tuple)) else [v]) if x is not None)
+    return sorted(out)
+
+
+def _row(metric, series, role, value, n=None, note="") -> dict[str, Any]:
+    return {"metric": metric, "series": series, "role": role,
+            "value": None if value is None else round(float(value), 5), "n": n, "note": note}
+
+
+def score(gen: list[np.ndarray], prompts: list[dict], real: dict[str, tuple[np.ndarray, dict]],
+          train_real: list[np.ndarray], mulan, cfg: EvaluateConfig, tag_prompts: dict[str, str],
+          rate: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """All generation metrics: (metrics dict, table rows)."""
+    emb = embed_all(load_embedder("mulan", mulan), gen, rate)          # (N, D)
+    with torch.no_grad():
+        text = mulan.embed_text([p["prompt"] for p in prompts]).cpu().numpy()
+    caps = [i for i, p in enumerate(prompts) if p["kind"] == "caption"]
+    real_clips = [real[prompts[i]["key"]][0] for i in caps]
+    real_emb = embed_all(load_embedder("mulan", mulan), real_clips, rate) if caps else None
+    texts = [p["prompt"] for p in prompts]
+    out: dict[str, Any] = {"n_prompts": len(prompts), "n_caption_prompts": len(caps)}
+    rows = []
+    out["mcc"] = {"generated": M.mcc(text, emb),
+                  "shuffled_prompts": M.mismatched_cosine(text, emb, texts) if len(set(texts)) > 1
+                  else None,
+                  "real_own_caption": M.mcc(text[caps], real_emb) if caps else None}
+    rows += [_row("MCC", "generated", "cantus", out["mcc"]["generated"], len(prompts)),
+             _row("MCC", "shuffled prompts (chance)", "baseline",
+                  out["mcc"]["shuffled_prompts"], len(prompts)),
+             _row("MCC", "real valid audio, own caption", "reference",
+                  out["mcc"]["real_own_caption"], len(caps))]
+    # FAD: generated (every prompt) against the real valid chunks
+    if len(real_clips) >= 2:
+        fad_emb = load_embedder(cfg.fad_embedding, mulan)
+        real_f = embed_all(fad_emb, real_clips, rate)
+        out["fad"] = {"embedding": fad_emb.name,
+                      "generated": M.frechet_distance(embed_all(fad_emb, gen, rate), real_f),
+                      "real_train": M.frechet_distance(embed_all(fad_emb, train_real, rate),
+                                                       real_f)}
+        rows += [_row("FAD", f"generated vs real valid ({fad_emb.name})", "cantus",
+                      out["fad"]["generated"], len(gen)),
+                 _row("FAD", "real train vs real valid", "reference",
+                      out["fad"]["real_train"], len(train_real))]
+    # KLD: zero-shot tag distributions, generation vs its real chunk
+    if len(caps) >= 2:
+        all_metas = [m for _, m in real.values()]
+        out["kld"] = {}
+        for tag, template in tag_prompts.items():
+            classes = _classes(all_metas, tag)
+            if len(classes) < 2:
+                continue
+            p_real = tag_probs(mulan, real_emb, classes, template)
+            p_gen = tag_probs(mulan, emb[caps], classes, template)
+            shuffled = np.mean([M.kl_divergence(p_real[[i]], p_gen[[j]])
+                                for i in range(len(caps)) for j in range(len(caps)) if i != j])
+            out["kld"][tag] = {"generated": M.kl_divergence(p_real, p_gen),
+                               "shuffled_pairs": float(shuffled), "classes": len(classes)}
+            rows += [_row(f"KLD {tag}", "generated vs its real chunk", "cantus",
+                          out["kld"][tag]["generated"], len(caps), "lower is better"),
+                     _row(f"KLD {tag}", "shuffled pairs (chance)", "baseline",
+                          float(shuffled), len(caps))]
+    # adherence: instrument prompts, zero-shot instrument classifier on the generation
+    inst = [i for i, p in enumerate(prompts) if p["kind"] == "instrument"]
+    if inst:
+        classes = _classes([m for _, m in real.values()], "instruments")
+        named = [classes.index(prompts[i]["instruments"][0]) for i in inst]
+        a = M.adherence(tag_probs(mulan, emb[inst], classes, tag_prompts["instruments"]), named)
+        real_hits = _real_instrument_accuracy(mulan, real, classes, tag_prompts["instruments"],
+                                              {prompts[i]["instruments"][0] for i in inst}, rate)
+        out["adherence"] = {**a, "real_audio_accuracy": real_hits}
+        rows += [_row("instrument adherence", "generated", "cantus", a["accuracy"], a["n"]),
+                 _row("instrument adherence", "chance (1 / classes)", "baseline", a["chance"],
+                      a["n"], f"{len(classes)} classes"),
+                 _row("instrument adherence", "prior (other prompts)", "baseline", a["prior"],
+                      a["n"]),
+                 _row("instrument adherence", "real chunks of those instruments", "reference",
+                      real_hits, None)]
+    return out, rows
+
+
+def _real_instrument_accuracy(mulan, real, classes, template, wanted, rate) -> float | None:
+    chosen = [(x, m) for x, m in real.values() if set(instruments_of(m)) & wanted]
+    if not chosen:
+        return None
+    emb = embed_all(load_embedder("mulan", mulan), [x for x, _ in chosen], rate)
+    pred = tag_probs(mulan, emb, classes, template).argmax(1)
+    return float(np.mean([classes[p] in instruments_of(m)
+                          for p, (_, m) in zip(pred, chosen)]))
+
+
+def gather(metrics_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The earlier stages' metrics files, and one headline row (with baseline) per stage."""
+    d = Path(metrics_dir)
+    found: dict[str, Any] = {}
+    for name, rel in (("ingest", "ingest.json"), ("codec", "codec.json"),
+                      ("semantic", "semantic.json"), ("mulan", "mulan.json"),
+                      ("lm_semantic", "lm_semantic/metrics.json"),
+                      ("lm_coarse", "lm_coarse/metrics.json"),
+                      ("lm_fine", "lm_fine/metrics.json")):
+        if (d / rel).is_file():
+            found[name] = json.loads((d / rel).read_text())
+    rows = []
+
+    def add(stage, metric, value, baseline, baseline_name):
+        rows.append({"stage": stage, "metric": metric, "value": value, "baseline": baseline,
+                     "baseline_name": baseline_name})
+
+    try:
+        c = found["codec"]
+        add("codec", "mel distance 6 kbps (valid)", c["codec_6kbps"]["mel_distance"],
+            c["opus_6kbps"]["mel_distance"], "Opus 6 kbps")
+        add("codec", "SI-SDR 6 kbps, dB", c["codec_6kbps"]["si_sdr"], c["opus_6kbps"]["si_sdr"],
+            "Opus 6 kbps")
+    except KeyError:
+        pass
+    try:
+        s = found["semantic"]
+        add("semantic", "PNMI instrument (valid)", s["semantic"]["valid"]["pnmi_instrument"],
+            s["logmel"]["valid"]["pnmi_instrument"], "log-mel k-means")
+    except KeyError:
+        pass
+    try:
+        m = found["mulan"]
+        r = m["retrieval"]["valid"]
+        add("mulan", "text->audio R@1 (valid)", r["text_to_audio"]["R@1"], r["chance"]["R@1"],
+            "chance")
+        z = m["zero_shot"]["all"]["instruments"]
+        add("mulan", "zero-shot instrument accuracy (all)", z["accuracy"],
+            z["majority_baseline"], "majority class")
+    except KeyError:
+        pass
+    for stage in ("lm_semantic", "lm_coarse", "lm_fine"):
+        if stage in found and "val_ppl" in found[stage]:
+            add(stage, "valid perplexity", found[stage]["val_ppl"],
+                found[stage].get("unigram_ppl"), "unigram")
+    return found, rows
+
+
+def load_generated(folder: str | Path) -> tuple[dict[str, Any], list[np.ndarray]]:
+    info = json.loads((Path(folder) / "prompts.json").read_text())
+    clips = []
+    for p in info["prompts"]:
+        x, rate = sf.read(str(Path(folder) / p["file"]), dtype="float32")
+        if rate != info["sample_rate"]:
+            raise ValueError(f"{p['file']}: {rate} Hz, expected {info['sample_rate']}")
+        clips.append(x)
+    return info, clips
+
+
+def run(cfg: EvaluateConfig, tag_prompts: dict[str, str], generated: str | Path,
+        audio_dir: str | Path, models: str | Path, metrics_dir: str | Path,
+        out: str | Path) -> dict[str, Any]:
+    from cantus.tokenize.mulan_model import load_mulan
+
+    info, gen = load_generated(generated)
+    rate = info["sample_rate"]
+    n = int(round(cfg.seconds * rate))
+    real = {m["key"]: (_crop(x, n), m) for x, m in load_all(shard_paths(audio_dir, "valid"))}
+    train = load_all(shard_paths(audio_dir, "train"))
+    real_all = dict(real)
+    real_all.update({m["key"]: (_crop(x, n), m) for x, m in train})
+    mulan = load_mulan(Path(models) / "mulan")
+    if mulan.cfg.sample_rate != rate:
+        raise ValueError(f"MuLan runs at {mulan.cfg.sample_rate} Hz, generations are {rate} Hz")
+    prompts = info["prompts"]
+    for p in prompts:
+        if p["kind"] == "caption" and p["key"] not in real:
+            raise ValueError(f"{generated}/prompts.json names chunk {p['key']}, which is not in "
+                             f"the valid split of {audio_dir}")
+    scores, rows = score(gen, prompts, real_all, [_crop(x, n) for x, _ in train], mulan, cfg,
+                         tag_prompts, rate)
+    scores["generation"] = {k: info[k] for k in ("seconds", "wall_seconds", "realtime_factor")}
+    stages, stage_rows = gather(metrics_dir)
+    result = {"generation": scores, "stages": stages}
+    out = Path(out)
+    atomic_write_json(out / "metrics.json", result)
+    atomic_write_json(out / "plots" / "scores.json",
+                      [{"name": f"{r['metric']}: {r['series']}", **r} for r in rows
+                       if r["value"] is not None])
+    examples = []
+    for i, p in enumerate(prompts[:cfg.examples] if cfg.examples else []):
+        ref = real_all.get(p["key"]) if p["key"] else None
+        examples.append({"prompt": p["prompt"], "gen": gen[i], "rate": rate,
+                         "real": None if ref is None else ref[0],
+                         "note": (f"{p['kind']} prompt; beside it the real valid chunk it "
+                                  f"describes ({p['key']})") if ref is not None else
+                         f"{p['kind']} prompt (no real reference)"})
+    render(out / "report.html", {
+        "intro": f"{len(prompts)} generations of {info['seconds']} s "
+                 f"({scores['n_caption_prompts']} valid captions, the rest instrument prompts), "
+                 f"made at {info['realtime_factor']}x real time. Each figure stands beside a "
+                 "chance level or a real-audio reference.",
+        "footer": "Written by cantus.evaluate.run; the figures are in metrics.json "
+                  "(dvc metrics show)."}, rows, stage_rows, examples)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    from cantus.tokenize.mulan_params import MulanConfig
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--generated", required=True)
+    p.add_argument("--audio", required=True)
+    p.add_argument("--models", default="models")
+    p.add_argument("--metrics", default="metrics", help="folder of the earlier stages' metrics")
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    cfg = load_section(args.params, "evaluate", EvaluateConfig)
+    tags = dict(load_section(args.params, "mulan", MulanConfig).eval.prompts)
+    result = run(cfg, tags, args.generated, args.audio, args.models, args.metrics, args.out)
+    print(json.dumps(result["generation"], indent=1, default=str))
+    print(f"report: {Path(args.out) / 'report.html'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
