@@ -48,33 +48,41 @@ def spectrogram_uri(audio: np.ndarray, rate: int, title: str) -> str:
     x = np.asarray(audio, np.float32)
     x = np.pad(x, (0, max(0, n_fft - len(x))))
     frames = np.lib.stride_tricks.sliding_window_view(x, n_fft)[::hop] * np.hanning(n_fft)
-    spec = 20 * np.log10(np.abs(np.fft.rfft(frames, axis=1)).T + 1e-5)
+    # dB relative to a full-scale sine (Hann window: peak |X| = N / 4), on one fixed
+    # 90 dB range, so a generation and a real clip are drawn on the same scale
+    spec = 20 * np.log10(np.abs(np.fft.rfft(frames, axis=1)).T / (n_fft / 4) + 1e-9)
     top = int(8000 / (rate / n_fft))
     fig, ax = plt.subplots(figsize=(5, 2.2))
-    ax.imshow(spec[:top], origin="lower", aspect="auto", cmap="magma",
-              vmin=spec.max() - 80, vmax=spec.max(),
+    ax.imshow(spec[:top], origin="lower", aspect="auto", cmap="magma", vmin=-90, vmax=0,
               extent=(0, len(x) / rate, 0, top * rate / n_fft / 1000))
     ax.set(title=title, xlabel="s", ylabel="kHz")
     return png_uri(fig)
 
 
 def bars_uri(rows: list[dict[str, Any]]) -> str:
-    """Each comparable metric beside its baselines, as grouped horizontal bars."""
+    """One panel per metric (own scale): the generated value beside its baselines."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = [r for r in rows if isinstance(r.get("value"), (int, float))]
-    fig, ax = plt.subplots(figsize=(7, 0.45 * len(rows) + 1))
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(r["metric"], []).append(r)
     colours = {"cantus": "#d95f02", "baseline": "#7570b3", "reference": "#1b9e77"}
-    labels = [f"{r['metric']}: {r['series']}" for r in rows]
-    ax.barh(range(len(rows)), [r["value"] for r in rows],
-            color=[colours.get(r["role"], "grey") for r in rows])
-    ax.set_yticks(range(len(rows)), labels, fontsize=8)
-    ax.invert_yaxis()
-    ax.set_title("orange: generated · purple: chance / baseline · green: real-audio reference",
+    fig, axes = plt.subplots(len(groups), 1, squeeze=False,
+                             figsize=(7, 0.35 * len(rows) + 0.5 * len(groups) + 0.5))
+    for ax, (metric, rs) in zip(axes[:, 0], groups.items()):
+        ax.barh(range(len(rs)), [r["value"] for r in rs],
+                color=[colours.get(r["role"], "grey") for r in rs])
+        ax.set_yticks(range(len(rs)), [r["series"] for r in rs], fontsize=8)
+        ax.invert_yaxis()
+        ax.set_title(metric, fontsize=9, loc="left")
+        ax.tick_params(axis="x", labelsize=7)
+    fig.suptitle("orange: generated · purple: chance / baseline · green: real-audio reference",
                  fontsize=8)
+    fig.tight_layout()
     return png_uri(fig)
 
 
@@ -86,6 +94,8 @@ audio{width:100%}img{max-width:100%}code{background:#f3f3f3;padding:1px 4px}"""
 
 
 def _fmt(v: Any) -> str:
+    if v is None:
+        return ""
     if isinstance(v, float):
         return f"{v:.4g}"
     return html.escape(str(v))
@@ -111,7 +121,7 @@ def render(path: str | Path, summary: dict[str, Any], scores: list[dict[str, Any
              table(scores, ["metric", "series", "role", "value", "n", "note"]),
              f"<img alt='metrics beside baselines' src='{bars_uri(scores)}'>",
              "<h2 id='stages'>Earlier stages</h2>",
-             table(stages, ["stage", "metric", "value", "baseline", "baseline_name"]),
+             table(stages, ["stage", "metric", "value", "baseline", "baseline is"]),
              "<h2 id='examples'>Examples</h2>"]
     for ex in examples:
         parts.append(f"<h3>{html.escape(ex['prompt'])}</h3><p>{html.escape(ex['note'])}</p>"

@@ -33,6 +33,7 @@ import numpy as np
 import soundfile as sf
 import torch
 
+from cantus.audio import resample
 from cantus.audio_stream import load_all, shard_paths
 from cantus.config import load_section
 from cantus.shards import atomic_write_json
@@ -168,7 +169,7 @@ def gather(metrics_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]
 
     def add(stage, metric, value, baseline, baseline_name):
         rows.append({"stage": stage, "metric": metric, "value": value, "baseline": baseline,
-                     "baseline_name": baseline_name})
+                     "baseline is": baseline_name})
 
     try:
         c = found["codec"]
@@ -220,20 +221,22 @@ def run(cfg: EvaluateConfig, tag_prompts: dict[str, str], generated: str | Path,
     info, gen = load_generated(generated)
     rate = info["sample_rate"]
     n = int(round(cfg.seconds * rate))
-    real = {m["key"]: (_crop(x, n), m) for x, m in load_all(shard_paths(audio_dir, "valid"))}
+
+    def clip(x: np.ndarray, m: dict) -> np.ndarray:  # real audio at the generations' rate
+        return _crop(resample(x, int(m.get("sample_rate") or rate), rate), n)
+
+    real = {m["key"]: (clip(x, m), m) for x, m in load_all(shard_paths(audio_dir, "valid"))}
     train = load_all(shard_paths(audio_dir, "train"))
     real_all = dict(real)
-    real_all.update({m["key"]: (_crop(x, n), m) for x, m in train})
+    real_all.update({m["key"]: (clip(x, m), m) for x, m in train})
     mulan = load_mulan(Path(models) / "mulan")
-    if mulan.cfg.sample_rate != rate:
-        raise ValueError(f"MuLan runs at {mulan.cfg.sample_rate} Hz, generations are {rate} Hz")
     prompts = info["prompts"]
     for p in prompts:
         if p["kind"] == "caption" and p["key"] not in real:
             raise ValueError(f"{generated}/prompts.json names chunk {p['key']}, which is not in "
                              f"the valid split of {audio_dir}")
-    scores, rows = score(gen, prompts, real_all, [_crop(x, n) for x, _ in train], mulan, cfg,
-                         tag_prompts, rate)
+    train_clips = [real_all[m["key"]][0] for _, m in train]
+    scores, rows = score(gen, prompts, real_all, train_clips, mulan, cfg, tag_prompts, rate)
     scores["generation"] = {k: info[k] for k in ("seconds", "wall_seconds", "realtime_factor")}
     stages, stage_rows = gather(metrics_dir)
     result = {"generation": scores, "stages": stages}

@@ -207,3 +207,52 @@ def test_saved_stage_records_its_layout(models):
     assert lay.crop_seconds == CROPS["coarse"] and lay.k == K
     assert json.loads((models / "lm_coarse" / "config.json").read_text())["layout"]["stage"] \
         == "coarse"
+
+
+def test_evaluation_stage_scores_generations_and_renders_every_section(models, tmp_path):
+    import torch.jit
+
+    from cantus.evaluate import generate_eval, run as evaluate
+    from cantus.evaluate.params import EvaluateConfig
+
+    audio = Path((models.parent / "audio_dir").read_text())
+    cfg = load_section(ROOT / "params.yaml", "evaluate", EvaluateConfig)
+    cfg = dataclasses.replace(cfg, seconds=1.0, min_instrument_count=1, examples=2)
+    summary = generate_eval.run(gen_cfg(), cfg, models, audio, tmp_path / "gen")
+    kinds = [p["kind"] for p in summary["prompts"]]
+    assert kinds.count("instrument") == 2 and kinds.count("caption") >= 2
+    for p in summary["prompts"]:
+        x, rate = sf.read(str(tmp_path / "gen" / p["file"]))
+        assert rate == 24000 and x.shape == (24000,)
+    # a local embedding by path: a scripted module (here: log-power of 16 frames)
+    class Frames(torch.nn.Module):
+        def forward(self, x):
+            return torch.log1p(x.reshape(x.shape[0], 16, -1).pow(2).mean(-1))
+
+    emb = tmp_path / "emb"
+    emb.mkdir()
+    torch.jit.script(Frames()).save(str(emb / "model.pt"))
+    (emb / "config.json").write_text(json.dumps({"sample_rate": 16000, "name": "frames"}))
+    metrics_dir = tmp_path / "metrics"
+    metrics_dir.mkdir()
+    (metrics_dir / "codec.json").write_text(json.dumps({
+        "codec_6kbps": {"mel_distance": 0.5, "si_sdr": 2.0},
+        "opus_6kbps": {"mel_distance": 0.6, "si_sdr": 1.0}}))
+    tags = {"instruments": "music played on {}"}
+    out = evaluate.run(dataclasses.replace(cfg, fad_embedding=str(emb)), tags, tmp_path / "gen",
+                       audio, models, metrics_dir, tmp_path / "reports")
+    g = out["generation"]
+    assert -1 <= g["mcc"]["generated"] <= 1 and -1 <= g["mcc"]["shuffled_prompts"] <= 1
+    assert g["mcc"]["real_own_caption"] is not None
+    assert g["fad"]["embedding"] == "frames" and g["fad"]["generated"] >= 0
+    assert g["kld"]["instruments"]["generated"] >= 0
+    assert 0 <= g["adherence"]["accuracy"] <= 1 and g["adherence"]["chance"] == 0.5
+    assert out["stages"]["codec"]["opus_6kbps"]["mel_distance"] == 0.6
+    saved = json.loads((tmp_path / "reports" / "metrics.json").read_text())
+    assert saved["generation"]["n_prompts"] == len(kinds)
+    bars = json.loads((tmp_path / "reports" / "plots" / "scores.json").read_text())
+    assert {b["role"] for b in bars} == {"cantus", "baseline", "reference"}
+    page = (tmp_path / "reports" / "report.html").read_text()
+    for section in ("id='metrics'", "id='stages'", "id='examples'", "mel distance 6 kbps"):
+        assert section in page
+    assert page.count("<audio") >= 3 and page.count("data:image/png;base64") >= 4
