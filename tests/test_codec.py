@@ -122,6 +122,38 @@ def test_tiny_codec_overfits_one_clip():
     assert min(losses[-5:]) < 0.5 * losses[0], losses
 
 
+def test_fresh_encoder_latents_follow_the_audio():
+    # The collapse of the first demo codec: default init made the latents a
+    # bias-driven constant, so k-means saw one vector and the decoder ignored it.
+    torch.manual_seed(0)
+    model = SoundStream(CodecConfig.demo())
+    x = model._prepare(torch.from_numpy(melody(6, 1.0, 24000))[None], None)
+    with torch.no_grad():
+        z = model.encoder(x)[0]  # (D, T)
+    assert z.std(dim=1).mean() > z.mean(dim=1).abs().mean(), "latents are ~constant in time"
+    assert all(float(c.bias.detach().abs().max()) == 0.0 for c in model.modules()
+               if isinstance(c, torch.nn.Conv1d | torch.nn.ConvTranspose1d))
+
+
+def test_tiny_codec_uses_many_codes_and_they_matter():
+    torch.manual_seed(0)
+    cfg = _tiny_params()
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr=1e-2, steps=40,
+                                                             adversarial_start=10**9))
+    trainer = train_codec.Trainer(cfg, torch.device("cpu"))
+    clip = torch.from_numpy(melody(3, 0.4, 24000))[None]
+    for s in range(40):
+        trainer.step(clip, s)
+    model = trainer.model.eval()
+    wav = torch.from_numpy(melody(3, 1.0, 24000))[None]
+    codes = model.encode(wav)
+    usage = eval_codec.codebook_usage([codes[0].numpy()], model.cfg.codebook_size)
+    assert min(usage["perplexity"][:2]) > 2.0, usage
+    other = codes.clone()
+    other[:, 0] = torch.roll(other[:, 0].to(torch.int32), 7, dims=-1).to(torch.uint16)
+    assert not torch.allclose(model.decode(codes), model.decode(other), atol=1e-4)
+
+
 def test_save_load_round_trip_gives_identical_codes(tmp_path):
     torch.manual_seed(0)
     model = SoundStream(CodecConfig.tiny())

@@ -46,7 +46,8 @@ class LossWeights:
 
     adversarial: float
     feature: float
-    reconstruction: float
+    reconstruction: float     # multi-scale log-mel L1
+    waveform: float           # time-domain L1, relative to the mean |amplitude|
     commitment: float
 
 
@@ -145,9 +146,9 @@ class Trainer:
         with self._autocast():
             recon, _, commit = self.model(wav)
             recon = recon[:, :wav.shape[1]]
-        rec = self.mel(wav, recon.float())
-        out = {"reconstruction": rec.item(), "commitment": commit.item()}
-        loss = w.reconstruction * rec + w.commitment * commit
+        rec, wave = self.mel(wav, recon.float()), L.waveform_l1(wav, recon.float())
+        out = {"reconstruction": rec.item(), "waveform": wave.item(), "commitment": commit.item()}
+        loss = w.reconstruction * rec + w.waveform * wave + w.commitment * commit
         if adv:
             with self._autocast():
                 d_loss = L.disc_hinge(self.disc(wav), self.disc(recon.detach()))
