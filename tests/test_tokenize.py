@@ -203,3 +203,51 @@ def _kill_one_actor_soon():
     t.killed = False
     t.start()
     return t
+
+
+CLUSTER = """set -e
+ip link set lo up
+export RAY_AUTH_MODE=token
+unset RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER   # set by a local init_ray; it forbids joining nodes
+trap 'ray stop --force >/dev/null 2>&1 || true' EXIT
+ray start --head --node-ip-address=127.0.0.1 --port=6390 --num-cpus=1 \\
+    --resources='{"node_a": 1}' --include-dashboard=false --disable-usage-stats
+ray start --address=127.0.0.1:6390 --node-ip-address=127.0.0.1 --num-cpus=1 \\
+    --resources='{"node_b": 1}' --disable-usage-stats
+RAY_ADDRESS=127.0.0.1:6390 "$@"
+"""
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_two_node_cluster_tokenizes_on_both_nodes_like_a_local_run(corpus):
+    """A real multi-node Ray cluster: a head and a second node joined with `ray start`.
+
+    It runs in a private network namespace (``unshare -n``), where loopback is the
+    only interface, so no Ray port is reachable from outside. Each node has one CPU
+    and an actor needs 0.9, so the two actors must land on different nodes.
+    """
+    import shutil
+
+    tmp, audio, models = corpus
+    if shutil.which("unshare") is None or subprocess.run(
+            ["unshare", "-n", "true"], capture_output=True).returncode != 0:
+        pytest.fail("this test needs `unshare -n` (a private network namespace) to run Ray's "
+                    "multi-node servers without exposing them")
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["tokenize"].update(executor="ray", actors=0, cpus_per_actor=0.9, decode_cpus=0.1)
+    (tmp / "cluster.yaml").write_text(yaml.safe_dump(params))
+    (tmp / "cluster.sh").write_text(CLUSTER)
+    from cantus.tokenize import run as tokenize
+
+    tokenize.run(_cfg(), "acoustic", audio, {"codec": models["codec"]}, tmp / "c_local")
+    proc = subprocess.run(
+        ["unshare", "-n", "bash", str(tmp / "cluster.sh"), sys.executable, "-m",
+         "cantus.tokenize.run", "--params", str(tmp / "cluster.yaml"), "--field", "acoustic",
+         "--audio", str(audio), "--codec", models["codec"], "--out", str(tmp / "c_ray")],
+        capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    line = next(x for x in proc.stdout.splitlines() if "shards per node" in x)
+    nodes = json.loads(line.split("shards per node: ", 1)[1])
+    assert len(nodes) == 2 and all(n >= 1 for n in nodes.values()), line
+    assert read_dir_bytes(tmp / "c_ray") == read_dir_bytes(tmp / "c_local")

@@ -22,6 +22,7 @@ whose process dies is restarted and its task retried.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from dataclasses import dataclass
@@ -126,13 +127,24 @@ class ShardTokenizer:
     def describe(self) -> dict[str, Any]:
         return self.tok.describe()
 
+    def info(self) -> tuple[dict[str, Any], int, str]:
+        """(manifest entry, input sample rate, Ray node id or "local")."""
+        node = "local"
+        try:
+            import ray
+
+            if ray.is_initialized():
+                node = ray.get_runtime_context().get_node_id()
+        except ImportError:
+            pass
+        return self.tok.describe(), self.tok.sample_rate, node
+
 
 def _sidecar(out_path: str) -> str:
     return out_path[: -len(".tar")] + ".json"
 
 
 def _done(out_path: str) -> dict[str, Any] | None:
-    import json
 
     if shards.exists(out_path) and shards.exists(_sidecar(out_path)):
         with open(_sidecar(out_path)) as f:
@@ -142,8 +154,6 @@ def _done(out_path: str) -> dict[str, Any] | None:
 
 def _prepare_out(out: Path, description: dict[str, Any]) -> None:
     """Start over when ``out`` holds tokens of another tokenizer."""
-    import json
-
     manifest = out / "manifest.json"
     if manifest.is_file() and json.loads(manifest.read_text()).get("tokenizer") != description:
         log.warning("%s holds tokens of another tokenizer: rewriting every shard", out)
@@ -158,38 +168,53 @@ def _schedule_local(tokenizer: ShardTokenizer, jobs: list[tuple[str, str]], rate
         yield tokenizer.run(decode_shard(path, rate), out_path)
 
 
-def _schedule_ray(field: str, models: dict[str, str], jobs: list[tuple[str, str]], rate: int,
-                  cfg: TokenizeConfig):
-    """Decode tasks feed an actor pool, ``max_in_flight`` shards at a time."""
-    import ray
+class ActorPool:
+    """The model actors of one field (Ray); the driver itself loads no model."""
 
-    from cantus.parallel import worker_count
+    def __init__(self, field: str, models: dict[str, str], cfg: TokenizeConfig):
+        import ray
 
-    total = worker_count(0)
-    # Actors hold their CPUs for life: leave room for at least one decode task.
-    n = cfg.actors or max(1, int((total - cfg.decode_cpus) // cfg.cpus_per_actor))
-    if n * cfg.cpus_per_actor + cfg.decode_cpus > total:
-        raise ConfigError(f"'tokenize.actors' {n} x cpus_per_actor {cfg.cpus_per_actor} + "
-                          f"decode_cpus {cfg.decode_cpus} exceeds the {total} CPUs Ray has: "
-                          "decode tasks could never run")
-    actor_cls = ray.remote(num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor,
-                           max_restarts=3, max_task_retries=3)(ShardTokenizer)
-    threads = max(1, int(round(cfg.cpus_per_actor)))
-    actors = [actor_cls.remote(field, models, cfg.device, threads) for _ in range(n)]
-    decode = ray.remote(num_cpus=cfg.decode_cpus, max_retries=3)(decode_shard)
-    window = cfg.max_in_flight or 2 * n
-    pending, it = [], iter(enumerate(jobs))
-    while True:
-        while len(pending) < window:
-            nxt = next(it, None)
-            if nxt is None:
+        from cantus.parallel import worker_count
+
+        total = worker_count(0)
+        # Actors hold their CPUs for life: leave room for at least one decode task.
+        n = cfg.actors or max(1, int((total - cfg.decode_cpus) // cfg.cpus_per_actor))
+        if n * cfg.cpus_per_actor + cfg.decode_cpus > total:
+            raise ConfigError(f"'tokenize.actors' {n} x cpus_per_actor {cfg.cpus_per_actor} + "
+                              f"decode_cpus {cfg.decode_cpus} exceeds the {total} CPUs Ray has: "
+                              "decode tasks could never run")
+        actor_cls = ray.remote(num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor,
+                               max_restarts=3, max_task_retries=3)(ShardTokenizer)
+        threads = max(1, int(round(cfg.cpus_per_actor)))
+        self.actors = [actor_cls.remote(field, models, cfg.device, threads) for _ in range(n)]
+        self.cfg = cfg
+        infos = ray.get([a.info.remote() for a in self.actors])
+        self.description, self.sample_rate = infos[0][0], infos[0][1]
+        self.nodes = [i[2] for i in infos]
+        log.info("%d %s actors on %d Ray node(s)", n, field, len(set(self.nodes)))
+
+    def schedule(self, jobs: list[tuple[str, str]]):
+        """Decode tasks feed the actors, ``max_in_flight`` shards at a time."""
+        import ray
+
+        decode = ray.remote(num_cpus=self.cfg.decode_cpus, max_retries=3)(decode_shard)
+        n = len(self.actors)
+        window = self.cfg.max_in_flight or 2 * n
+        pending, it = {}, iter(enumerate(jobs))
+        while True:
+            while len(pending) < window:
+                nxt = next(it, None)
+                if nxt is None:
+                    break
+                i, (path, out_path) = nxt
+                ref = self.actors[i % n].run.remote(decode.remote(path, self.sample_rate),
+                                                    out_path)
+                pending[ref] = i % n
+            if not pending:
                 break
-            i, (path, out_path) = nxt
-            pending.append(actors[i % n].run.remote(decode.remote(path, rate), out_path))
-        if not pending:
-            break
-        done, pending = ray.wait(pending, num_returns=1)
-        yield ray.get(done[0])
+            done, _ = ray.wait(list(pending), num_returns=1)
+            actor = pending.pop(done[0])
+            yield ray.get(done[0]), self.nodes[actor]
 
 
 def run(cfg: TokenizeConfig, field: str, audio_dir: str | Path, models: dict[str, str],
@@ -201,8 +226,12 @@ def run(cfg: TokenizeConfig, field: str, audio_dir: str | Path, models: dict[str
     paths = [p for split in ("train", "valid") for p in _shards_or_none(audio_dir, split)]
     if not paths:
         raise FileNotFoundError(f"{audio_dir}: no audio shards (train-*.tar / valid-*.tar)")
-    local = ShardTokenizer(field, models, "cpu" if cfg.executor == "ray" else cfg.device)
-    description = local.describe()
+    if cfg.executor == "local":
+        local = ShardTokenizer(field, models, cfg.device)
+        description, rate, _ = local.info()
+    else:
+        pool = ActorPool(field, models, cfg)
+        description, rate = pool.description, pool.sample_rate
     _prepare_out(out, description)
     summaries, jobs = {}, []
     for p in paths:
@@ -212,15 +241,17 @@ def run(cfg: TokenizeConfig, field: str, audio_dir: str | Path, models: dict[str
         else:
             jobs.append((p, target))
     skipped = len(summaries)
-    rate = local.tok.sample_rate
-    sched = (_schedule_local(local, jobs, rate) if cfg.executor == "local"
-             else _schedule_ray(field, models, jobs, rate, cfg))
+    sched = (((s, "local") for s in _schedule_local(local, jobs, rate))
+             if cfg.executor == "local" else pool.schedule(jobs))
+    nodes: dict[str, int] = {}
     with progress(len(jobs), desc=f"tokenize {field}") as bar:
-        for s in sched:
+        for s, node in sched:
             summaries[s["shard"]] = s
+            nodes[node] = nodes.get(node, 0) + 1
             bar.update(1)
-    return _write_tables(out, field, description, [summaries[Path(p).name] for p in paths],
-                         skipped)
+    summary = _write_tables(out, field, description, [summaries[Path(p).name] for p in paths],
+                            skipped)
+    return {**summary, "nodes": nodes}   # shards tokenized on each node (not written)
 
 
 def _shards_or_none(folder, split) -> list[str]:
@@ -279,7 +310,8 @@ def main(argv: list[str] | None = None) -> int:
         init_ray()
     summary = run(cfg, args.field, args.audio, models, args.out)
     print(f"tokenize {args.field}: {summary['chunks']} chunks in {summary['shards']} shards "
-          f"({summary['shards_skipped']} already done), {summary['rejects']} rejects -> {args.out}")
+          f"({summary['shards_skipped']} already done), {summary['rejects']} rejects -> {args.out}"
+          f"; shards per node: {json.dumps(summary['nodes'], sort_keys=True)}")
     return 0
 
 
