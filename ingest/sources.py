@@ -134,7 +134,9 @@ def local_inputs(specs: list[str], caption_files: list[str] = ()) -> list[dict[s
         ext = f.suffix.lower()
         if ext in SIDECAR_EXTS and str(f.with_suffix("")) in audio_stems:
             continue
-        rec = new_input(key, "local", path=key)
+        # the uri is the path as the source spec gave it (relative stays relative), so the
+        # manifest of a clone at another absolute path is byte-identical; reading uses `path`
+        rec = new_input(str(files[key]), "local", path=key)
         if ext not in AUDIO_EXTS:
             hint = " (headerless raw PCM: add a WAV header)" if ext in (".raw", ".pcm") else ""
             rec["error"] = ("unsupported_type",
