@@ -133,7 +133,8 @@ class CausalConv1d(nn.Conv1d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         k, d, s = self.kernel_size[0], self.dilation[0], self.stride[0]
-        return super().forward(F.pad(x, ((k - 1) * d - (s - 1), 0)))
+        left = (k - 1) * d - (s - 1)
+        return super().forward(F.pad(x, (left, 0)) if left else x)
 
 
 class CausalConvTranspose1d(nn.ConvTranspose1d):
@@ -150,8 +151,10 @@ class ResidualUnit(nn.Module):
     def __init__(self, channels: int, dilation: int):
         super().__init__()
         hidden = max(1, channels // 2)
+        # the second ELU works in place (its input is a conv output nothing else needs):
+        # on long audio, allocating a fresh output costs as much as the ELU itself
         self.block = nn.Sequential(nn.ELU(), CausalConv1d(channels, hidden, 7, dilation=dilation),
-                                   nn.ELU(), CausalConv1d(hidden, channels, 1))
+                                   nn.ELU(inplace=True), CausalConv1d(hidden, channels, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.block(x)
@@ -169,9 +172,10 @@ class Encoder(nn.Module):
         c = cfg.channels
         layers: list[nn.Module] = [CausalConv1d(1, c, 7)]
         for s in cfg.strides:
-            layers += _residuals(c) + [nn.ELU(), CausalConv1d(c, 2 * c, 2 * s, stride=s)]
+            down = CausalConv1d(c, 2 * c, 2 * s, stride=s)
+            layers += _residuals(c) + [nn.ELU(inplace=True), down]
             c *= 2
-        layers += [nn.ELU(), CausalConv1d(c, cfg.dim, 3)]
+        layers += [nn.ELU(inplace=True), CausalConv1d(c, cfg.dim, 3)]
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -186,10 +190,10 @@ class Decoder(nn.Module):
         c = cfg.channels * 2 ** len(cfg.strides)
         layers: list[nn.Module] = [CausalConv1d(cfg.dim, c, 7)]
         for s in reversed(cfg.strides):
-            layers += [nn.ELU(), CausalConvTranspose1d(c, c // 2, 2 * s, stride=s)]
+            layers += [nn.ELU(inplace=True), CausalConvTranspose1d(c, c // 2, 2 * s, stride=s)]
             c //= 2
             layers += _residuals(c)
-        layers += [nn.ELU(), CausalConv1d(c, 1, 7)]
+        layers += [nn.ELU(inplace=True), CausalConv1d(c, 1, 7)]
         self.net = nn.Sequential(*layers)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:

@@ -12,23 +12,15 @@ audio shards, rewritten into shards of 4) and the same trained demo models:
 Both sides include loading the models. Run ``dvc repro pack_tokens`` first so
 the models exist.
 
-    python bench/tokenize.py [--chunks 12]
+    python bench/tokenize_stage.py [--chunks 12]
 """
 
 from __future__ import annotations
 
-import os
-import sys
-
-# Run as a script, this file's folder comes first on sys.path, and its name
-# would shadow the standard library's tokenize (which linecache, inspect and so
-# torch import). Drop that entry before anything else is imported.
-if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)
-
 import argparse
 import dataclasses
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
