@@ -16,7 +16,10 @@ demo: install
 	@echo "Audio shards:   data/audio/ (train-*.tar, valid-*.tar, manifest.parquet, rejects.parquet)"
 	@echo "Models:         models/ (codec, semantic, semantic_kmeans, mulan, mulan_rvq, lm_*)"
 	@echo "Token shards:   data/tokens/ (train-*.tar, valid-*.tar, index.parquet, manifest.json)"
-	@echo "Metrics:        metrics/*.json  ->  dvc metrics show;  curves: dvc plots show"
+	@echo "Metrics:        reports/metrics.json (every stage's figures) and metrics/*.json  ->  dvc metrics show;  curves: dvc plots show"
+	@echo "Generated audio: data/generated/gen-NNN.wav (prompts in data/generated/prompts.json)"
+	@echo "Report:         reports/report.html  (open it in a browser)"
+	@echo "Generate more:  cantus generate \"a fast Irish reel on fiddle\" --seconds 10 --out reel.wav"
 
 test: install
 	$(PY) -m pytest -q
