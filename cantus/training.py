@@ -101,9 +101,14 @@ class Checkpoints:
         return torch.load(path, map_location="cpu", weights_only=True)
 
 
+INDEX_FILES = ("manifest.parquet", "index.parquet", "manifest.json")
+
+
 def run_id(head: str, modules: list[str | Path], paths: list[str]) -> str:
     """What a checkpoint must match to be resumed: ``head`` (params), the code of
-    ``modules`` and the names and sizes of the data shards."""
+    ``modules``, the names and sizes of the data shards, and the bytes of their
+    folders' index files (ingest's manifest, the token index and manifest), which
+    change with the content even when no shard changes size."""
     import hashlib
 
     h = hashlib.sha256(head.encode())
@@ -111,6 +116,10 @@ def run_id(head: str, modules: list[str | Path], paths: list[str]) -> str:
         h.update(Path(module).read_bytes())
     for p in paths:
         h.update(f"{Path(p).name}:{os.path.getsize(p)}".encode())
+    for folder in sorted({str(Path(p).parent) for p in paths}):
+        for name in INDEX_FILES:
+            if (Path(folder) / name).is_file():
+                h.update(name.encode() + (Path(folder) / name).read_bytes())
     return h.hexdigest()[:16]
 
 

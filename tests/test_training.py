@@ -44,3 +44,16 @@ def test_weights_round_trip_through_safetensors(tmp_path):
     load_weights(other, tmp_path / "m")
     assert torch.equal(other.weight, model.weight) and len(digest) == 64
     assert (tmp_path / "m" / "config.json").read_text().strip().startswith("{")
+
+
+def test_run_id_changes_with_the_data_even_when_no_shard_changes_size(tmp_path):
+    from cantus.training import run_id
+
+    shard = tmp_path / "train-000000.tar"
+    shard.write_bytes(b"x" * 1024)
+    (tmp_path / "manifest.parquet").write_bytes(b"captions v1")
+    a = run_id("params", [], [str(shard)])
+    assert run_id("params", [], [str(shard)]) == a
+    (tmp_path / "manifest.parquet").write_bytes(b"captions v2")   # same shard size
+    assert run_id("params", [], [str(shard)]) != a
+    assert run_id("other params", [], [str(shard)]) != run_id("params", [], [str(shard)])
