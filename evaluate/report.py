@@ -89,7 +89,7 @@ def bars_uri(rows: list[dict[str, Any]]) -> str:
 CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}
 table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;
 font-size:14px}th{background:#f3f3f3}td.num{text-align:right;font-variant-numeric:tabular-nums}
-.ex{display:flex;gap:1em;flex-wrap:wrap;margin-bottom:1.5em}.clip{width:48%}
+.ex{display:flex;gap:1em;flex-wrap:wrap;margin-bottom:1.5em}.clip{width:32%}
 audio{width:100%}img{max-width:100%}code{background:#f3f3f3;padding:1px 4px}"""
 
 
@@ -126,7 +126,8 @@ def render(path: str | Path, summary: dict[str, Any], scores: list[dict[str, Any
     for ex in examples:
         parts.append(f"<h3>{html.escape(ex['prompt'])}</h3><p>{html.escape(ex['note'])}</p>"
                      "<div class='ex'>")
-        for label, audio in (("generated", ex["gen"]), ("real", ex.get("real"))):
+        for label, audio in (("generated", ex["gen"]), ("real", ex.get("real")),
+                             ("real through the codec", ex.get("codec"))):
             if audio is None:
                 continue
             parts.append(f"<div class='clip'><b>{label}</b><br>"

@@ -75,8 +75,10 @@ def _row(metric, series, role, value, n=None, note="") -> dict[str, Any]:
 
 def score(gen: list[np.ndarray], prompts: list[dict], real: dict[str, tuple[np.ndarray, dict]],
           train_real: list[np.ndarray], mulan, cfg: EvaluateConfig, tag_prompts: dict[str, str],
-          rate: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """All generation metrics: (metrics dict, table rows)."""
+          rate: int, resynth: dict[str, np.ndarray] | None = None
+          ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """All generation metrics: (metrics dict, table rows). ``resynth``: real valid chunks
+    through the codec (key -> audio), the best a generation can sound through it."""
     emb = embed_all(load_embedder("mulan", mulan), gen, rate)          # (N, D)
     with torch.no_grad():
         text = mulan.embed_text([p["prompt"] for p in prompts]).cpu().numpy()
@@ -95,6 +97,12 @@ def score(gen: list[np.ndarray], prompts: list[dict], real: dict[str, tuple[np.n
                   out["mcc"]["shuffled_prompts"], len(prompts)),
              _row("MCC", "real valid audio, own caption", "reference",
                   out["mcc"]["real_own_caption"], len(caps))]
+    if caps and resynth:
+        codec_emb = embed_all(load_embedder("mulan", mulan),
+                              [resynth[prompts[i]["key"]] for i in caps], rate)
+        out["mcc"]["codec_resynthesis_own_caption"] = M.mcc(text[caps], codec_emb)
+        rows.append(_row("MCC", "real valid audio through the codec, own caption", "reference",
+                         out["mcc"]["codec_resynthesis_own_caption"], len(caps)))
     # FAD: generated (every prompt) against the real valid chunks
     if len(real_clips) >= 2:
         fad_emb = load_embedder(cfg.fad_embedding, mulan)
@@ -152,6 +160,23 @@ def _real_instrument_accuracy(mulan, real, classes, template, wanted, rate) -> f
     pred = tag_probs(mulan, emb, classes, template).argmax(1)
     return float(np.mean([classes[p] in instruments_of(m)
                           for p, (_, m) in zip(pred, chosen)]))
+
+
+def codec_resynthesis(codec_dir: Path, clips: dict[str, np.ndarray], rate: int
+                      ) -> dict[str, np.ndarray]:
+    """Each clip encoded and decoded by the trained codec (all levels); {} without a codec."""
+    if not (codec_dir / "model.safetensors").is_file():
+        return {}
+    from cantus.tokenize.codec_model import SoundStream
+
+    codec = SoundStream.load(codec_dir)
+    if codec.cfg.sample_rate != rate:
+        return {}
+    out = {}
+    for key, x in clips.items():
+        codes = codec.encode(torch.from_numpy(x)[None], sample_rate=rate)
+        out[key] = codec.decode(codes)[0, :x.shape[0]].numpy()
+    return out
 
 
 def gather(metrics_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -236,7 +261,9 @@ def run(cfg: EvaluateConfig, tag_prompts: dict[str, str], generated: str | Path,
             raise ValueError(f"{generated}/prompts.json names chunk {p['key']}, which is not in "
                              f"the valid split of {audio_dir}")
     train_clips = [real_all[m["key"]][0] for _, m in train]
-    scores, rows = score(gen, prompts, real_all, train_clips, mulan, cfg, tag_prompts, rate)
+    resynth = codec_resynthesis(Path(models) / "codec", {k: v[0] for k, v in real.items()}, rate)
+    scores, rows = score(gen, prompts, real_all, train_clips, mulan, cfg, tag_prompts, rate,
+                         resynth)
     scores["generation"] = {k: info[k] for k in ("seconds", "wall_seconds", "realtime_factor")}
     stages, stage_rows = gather(metrics_dir)
     result = {"generation": scores, "stages": stages}
@@ -250,8 +277,10 @@ def run(cfg: EvaluateConfig, tag_prompts: dict[str, str], generated: str | Path,
         ref = real_all.get(p["key"]) if p["key"] else None
         examples.append({"prompt": p["prompt"], "gen": gen[i], "rate": rate,
                          "real": None if ref is None else ref[0],
+                         "codec": resynth.get(p["key"]) if p["key"] else None,
                          "note": (f"{p['kind']} prompt; beside it the real valid chunk it "
-                                  f"describes ({p['key']})") if ref is not None else
+                                  f"describes ({p['key']}), as it is and through the codec")
+                         if ref is not None else
                          f"{p['kind']} prompt (no real reference)"})
     render(out / "report.html", {
         "intro": f"{len(prompts)} generations of {info['seconds']} s "

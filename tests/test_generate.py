@@ -244,6 +244,7 @@ def test_evaluation_stage_scores_generations_and_renders_every_section(models, t
     g = out["generation"]
     assert -1 <= g["mcc"]["generated"] <= 1 and -1 <= g["mcc"]["shuffled_prompts"] <= 1
     assert g["mcc"]["real_own_caption"] is not None
+    assert -1 <= g["mcc"]["codec_resynthesis_own_caption"] <= 1
     assert g["fad"]["embedding"] == "frames" and g["fad"]["generated"] >= 0
     assert g["kld"]["instruments"]["generated"] >= 0
     assert 0 <= g["adherence"]["accuracy"] <= 1 and g["adherence"]["chance"] == 0.5
@@ -255,4 +256,5 @@ def test_evaluation_stage_scores_generations_and_renders_every_section(models, t
     page = (tmp_path / "reports" / "report.html").read_text()
     for section in ("id='metrics'", "id='stages'", "id='examples'", "mel distance 6 kbps"):
         assert section in page
-    assert page.count("<audio") >= 3 and page.count("data:image/png;base64") >= 4
+    assert page.count("<audio") >= 5 and page.count("data:image/png;base64") >= 6
+    assert "real through the codec" in page

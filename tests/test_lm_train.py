@@ -22,15 +22,17 @@ from conftest import ROOT
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def tiny_cfg(stage: str, dropout: float = 0.1, **train):
+def tiny_cfg(stage: str, dropout: float = 0.1, dedup: bool = True, **train):
     cfg = load_lm(ROOT / "params.yaml")
     sc = getattr(cfg, stage)
     t = dataclasses.replace(sc.train, **{
         "steps": 7, "warmup_steps": 1, "batch_size": 2, "checkpoint_every": 2,
         "valid_every": 3, "valid_samples": 2, "unigram_samples": 6, "log_every": 1,
         "shuffle_buffer": 3, "lr": 3e-3, **train})
-    sc = dataclasses.replace(sc, crop_seconds=0.5, model=dataclasses.replace(tiny(),
-                             dropout=dropout), train=t)
+    # de-duplication on by default (the demo turns it off for generation): its variable
+    # lengths are the harder case for batching and exact resume
+    sc = dataclasses.replace(sc, crop_seconds=0.5, dedup_semantic=dedup,
+                             model=dataclasses.replace(tiny(), dropout=dropout), train=t)
     return dataclasses.replace(cfg, **{stage: sc})
 
 
