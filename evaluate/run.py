@@ -115,41 +115,54 @@ def score(gen: list[np.ndarray], prompts: list[dict], real: dict[str, tuple[np.n
                       out["fad"]["generated"], len(gen)),
                  _row("FAD", "real train vs real valid", "reference",
                       out["fad"]["real_train"], len(train_real))]
-    # KLD: zero-shot tag distributions, generation vs its real chunk
     if len(caps) >= 2:
-        all_metas = [m for _, m in real.values()]
-        out["kld"] = {}
-        for tag, template in tag_prompts.items():
-            classes = _classes(all_metas, tag)
-            if len(classes) < 2:
-                continue
-            p_real = tag_probs(mulan, real_emb, classes, template)
-            p_gen = tag_probs(mulan, emb[caps], classes, template)
-            shuffled = np.mean([M.kl_divergence(p_real[[i]], p_gen[[j]])
-                                for i in range(len(caps)) for j in range(len(caps)) if i != j])
-            out["kld"][tag] = {"generated": M.kl_divergence(p_real, p_gen),
-                               "shuffled_pairs": float(shuffled), "classes": len(classes)}
-            rows += [_row(f"KLD {tag}", "generated vs its real chunk", "cantus",
-                          out["kld"][tag]["generated"], len(caps), "lower is better"),
-                     _row(f"KLD {tag}", "shuffled pairs (chance)", "baseline",
-                          float(shuffled), len(caps))]
-    # adherence: instrument prompts, zero-shot instrument classifier on the generation
+        out["kld"], more = _kld(mulan, real_emb, emb[caps], [m for _, m in real.values()],
+                                tag_prompts)
+        rows += more
     inst = [i for i, p in enumerate(prompts) if p["kind"] == "instrument"]
     if inst:
-        classes = _classes([m for _, m in real.values()], "instruments")
-        named = [classes.index(prompts[i]["instruments"][0]) for i in inst]
-        a = M.adherence(tag_probs(mulan, emb[inst], classes, tag_prompts["instruments"]), named)
-        real_hits = _real_instrument_accuracy(mulan, real, classes, tag_prompts["instruments"],
-                                              {prompts[i]["instruments"][0] for i in inst}, rate)
-        out["adherence"] = {**a, "real_audio_accuracy": real_hits}
-        rows += [_row("instrument adherence", "generated", "cantus", a["accuracy"], a["n"]),
-                 _row("instrument adherence", "chance (1 / classes)", "baseline", a["chance"],
-                      a["n"], f"{len(classes)} classes"),
-                 _row("instrument adherence", "prior (other prompts)", "baseline", a["prior"],
-                      a["n"]),
-                 _row("instrument adherence", "real chunks of those instruments", "reference",
-                      real_hits, None)]
+        out["adherence"], more = _adherence(mulan, emb[inst], [prompts[i] for i in inst], real,
+                                            tag_prompts["instruments"], rate)
+        rows += more
     return out, rows
+
+
+def _kld(mulan, real_emb: np.ndarray, gen_emb: np.ndarray, metas: list[dict],
+         tag_prompts: dict[str, str]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """KLD of zero-shot tag distributions, each generation against its real chunk, beside
+    the same with the pairs shuffled."""
+    out, rows, n = {}, [], len(real_emb)
+    for tag, template in tag_prompts.items():
+        classes = _classes(metas, tag)
+        if len(classes) < 2:
+            continue
+        p_real = tag_probs(mulan, real_emb, classes, template)
+        p_gen = tag_probs(mulan, gen_emb, classes, template)
+        shuffled = float(np.mean([M.kl_divergence(p_real[[i]], p_gen[[j]])
+                                  for i in range(n) for j in range(n) if i != j]))
+        out[tag] = {"generated": M.kl_divergence(p_real, p_gen), "shuffled_pairs": shuffled,
+                    "classes": len(classes)}
+        rows += [_row(f"KLD {tag}", "generated vs its real chunk", "cantus",
+                      out[tag]["generated"], n, "lower is better"),
+                 _row(f"KLD {tag}", "shuffled pairs (chance)", "baseline", shuffled, n)]
+    return out, rows
+
+
+def _adherence(mulan, gen_emb: np.ndarray, prompts: list[dict], real: dict, template: str,
+               rate: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Instrument prompts: how often the zero-shot classifier names the asked instrument."""
+    classes = _classes([m for _, m in real.values()], "instruments")
+    named = [classes.index(p["instruments"][0]) for p in prompts]
+    a = M.adherence(tag_probs(mulan, gen_emb, classes, template), named)
+    real_hits = _real_instrument_accuracy(mulan, real, classes, template,
+                                          {p["instruments"][0] for p in prompts}, rate)
+    rows = [_row("instrument adherence", "generated", "cantus", a["accuracy"], a["n"]),
+            _row("instrument adherence", "chance (1 / classes)", "baseline", a["chance"],
+                 a["n"], f"{len(classes)} classes"),
+            _row("instrument adherence", "prior (other prompts)", "baseline", a["prior"], a["n"]),
+            _row("instrument adherence", "real chunks of those instruments", "reference",
+                 real_hits, None)]
+    return {**a, "real_audio_accuracy": real_hits}, rows
 
 
 def _real_instrument_accuracy(mulan, real, classes, template, wanted, rate) -> float | None:
