@@ -79,12 +79,13 @@ def score(gen: list[np.ndarray], prompts: list[dict], real: dict[str, tuple[np.n
           ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """All generation metrics: (metrics dict, table rows). ``resynth``: real valid chunks
     through the codec (key -> audio), the best a generation can sound through it."""
-    emb = embed_all(load_embedder("mulan", mulan), gen, rate)          # (N, D)
+    mulan_emb = load_embedder("mulan", mulan)
+    emb = embed_all(mulan_emb, gen, rate)  # (N, D)
     with torch.no_grad():
         text = mulan.embed_text([p["prompt"] for p in prompts]).cpu().numpy()
     caps = [i for i, p in enumerate(prompts) if p["kind"] == "caption"]
     real_clips = [real[prompts[i]["key"]][0] for i in caps]
-    real_emb = embed_all(load_embedder("mulan", mulan), real_clips, rate) if caps else None
+    real_emb = embed_all(mulan_emb, real_clips, rate) if caps else None
     texts = [p["prompt"] for p in prompts]
     out: dict[str, Any] = {"n_prompts": len(prompts), "n_caption_prompts": len(caps)}
     rows = []
@@ -98,8 +99,7 @@ def score(gen: list[np.ndarray], prompts: list[dict], real: dict[str, tuple[np.n
              _row("MCC", "real valid audio, own caption", "reference",
                   out["mcc"]["real_own_caption"], len(caps))]
     if caps and resynth:
-        codec_emb = embed_all(load_embedder("mulan", mulan),
-                              [resynth[prompts[i]["key"]] for i in caps], rate)
+        codec_emb = embed_all(mulan_emb, [resynth[prompts[i]["key"]] for i in caps], rate)
         out["mcc"]["codec_resynthesis_own_caption"] = M.mcc(text[caps], codec_emb)
         rows.append(_row("MCC", "real valid audio through the codec, own caption", "reference",
                          out["mcc"]["codec_resynthesis_own_caption"], len(caps)))

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from cantus.audio import resample
 from cantus.config import load_section
 from cantus.tokens import ACOUSTIC_HZ, SEMANTIC_HZ
 from cantus.training import progress, read_config
@@ -221,8 +222,6 @@ class Generator:
 
     def prompt_tokens(self, audio: np.ndarray, sample_rate: int) -> dict[str, np.ndarray]:
         """An audio prompt -> {"semantic": uint16[Ts], "acoustic": uint16[12, 2 Ts]}."""
-        from cantus.audio import resample
-
         audio = np.asarray(audio, np.float32)
         if audio.ndim != 1 or audio.size == 0:
             raise ValueError(f"an audio prompt must be mono samples, got shape {audio.shape}")
@@ -250,18 +249,13 @@ class Generator:
             mulan = self.text_tokens([prompt])
         else:
             mulan = self.mulan.quantise(self.mulan.audio_embedding(
-                _resample_to(audio, sample_rate, self.mulan.model.cfg.sample_rate)))[None]
+                resample(np.asarray(audio, np.float32), sample_rate,
+                         self.mulan.model.cfg.sample_rate)))[None]
         b = samples
         known = {k: np.repeat(v[None], b, axis=0) for k, v in known.items()}
         frames = known["semantic"].shape[1] + max(1, round(seconds * SEMANTIC_HZ))
         return self._chain(np.repeat(mulan, b, axis=0), frames, cfg,
                            cfg.seed if seed is None else seed, known)
-
-
-def _resample_to(audio: np.ndarray, rate_in: int, rate_out: int) -> np.ndarray:
-    from cantus.audio import resample
-
-    return resample(np.asarray(audio, np.float32), rate_in, rate_out)
 
 
 def resolve_device(device: str) -> str:
