@@ -5,7 +5,8 @@ do not change the speed, so freshly initialised models are timed; k-means
 initialisation is run once so the codebooks are real):
 
 - encode and decode real-time factor (audio seconds per wall second) on one
-  CPU thread (``torch.set_num_threads(1)``, inference mode), best of
+  CPU thread (``torch.set_num_threads(1)``, inference mode) of ``encode`` and
+  ``decode`` (the time-major CPU path) and of the modules' own forward, best of
   ``--rounds`` on ``--seconds`` of audio, beside EnCodec's published 9.8x
   encode / 10.4x decode (24 kHz, 6 kbps, one thread; EnCodec paper, Table 5).
   Target: paper-size encode >= 10x real time.
@@ -47,11 +48,24 @@ def best_time(fn, rounds: int) -> float:
 
 
 def cpu_rtf(model: SoundStream, seconds: float, rounds: int) -> dict[str, float]:
+    """encode/decode (the time-major CPU path, tokenize/codec_cpu.py) and, for
+    comparison, the same through the modules' channels-first forward."""
     wav = torch.randn(1, int(seconds * model.cfg.sample_rate)) * 0.1
     codes = model.encode(wav)
+
+    @torch.inference_mode()
+    def modules_encode():
+        return model.quantizer.encode(model.encoder(wav[:, None]).float())
+
+    @torch.inference_mode()
+    def modules_decode():
+        return model.decoder(model.quantizer.decode(codes.long()))
+
     enc = best_time(lambda: model.encode(wav), rounds)
     dec = best_time(lambda: model.decode(codes), rounds)
-    return {"encode": seconds / enc, "decode": seconds / dec}
+    enc_m, dec_m = best_time(modules_encode, rounds), best_time(modules_decode, rounds)
+    return {"encode": seconds / enc, "decode": seconds / dec,
+            "encode_modules": seconds / enc_m, "decode_modules": seconds / dec_m}
 
 
 def gpu_throughput(model: SoundStream, seconds: float, batch: int = 64) -> dict[str, float]:
@@ -90,6 +104,9 @@ def main() -> None:
         print(f"{size:<16}{n:>9.2f}M{r['encode']:>12.1f}x{r['decode']:>12.1f}x"
               f"   (encode {r['encode'] / ENCODEC['encode']:.2f}x EnCodec's, "
               f"decode {r['decode'] / ENCODEC['decode']:.2f}x)")
+        print(f"{'  modules fwd':<16}{'':>10}{r['encode_modules']:>12.1f}x{r['decode_modules']:>12.1f}x"
+              f"   (CPU path {r['encode'] / r['encode_modules']:.2f}x / "
+              f"{r['decode'] / r['decode_modules']:.2f}x faster)")
     if "paper" in models:
         r = cpu_rtf(models["paper"], args.seconds, args.rounds)
         print(f"target: paper-size encode >= 10x real time: "

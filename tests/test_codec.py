@@ -49,6 +49,36 @@ def test_shapes_strides_and_causality():
     assert torch.equal(model.encode(late)[:, :, :10], codes[:, :, :10])
 
 
+@pytest.mark.parametrize("size", ["tiny", "demo"])
+def test_cpu_inference_path_equals_the_modules(size):
+    """codec_cpu's time-major encoder/decoder give the modules' forward to float rounding."""
+    from cantus.tokenize import codec_cpu
+
+    torch.manual_seed(3)
+    cfg = getattr(CodecConfig, size)()
+    model = SoundStream(cfg).eval()
+    with torch.no_grad():  # non-zero biases and gains, as after training
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    for batch, frames in ((1, 1), (2, 23), (3, 61)):
+        wav = 0.1 * torch.randn(batch, 1, frames * cfg.hop)
+        with torch.inference_mode():
+            ref = model.encoder(wav)
+            z = codec_cpu.encode_latents(model.encoder, wav, cfg.hop, cfg.strides)
+            assert z.shape == ref.shape == (batch, cfg.dim, frames)
+            assert torch.allclose(z, ref, atol=1e-5, rtol=1e-4), (z - ref).abs().max()
+            ref_wav = model.decoder(ref)
+            out = codec_cpu.decode_waveform(model.decoder, ref, cfg.hop)
+            assert out.shape == ref_wav.shape == (batch, 1, frames * cfg.hop)
+            assert torch.allclose(out, ref_wav, atol=1e-5, rtol=1e-4), (out - ref_wav).abs().max()
+    # encode/decode take the CPU path; their codes match the modules' codes
+    wav = 0.1 * torch.randn(2, 40 * cfg.hop)
+    codes = model.encode(wav)
+    with torch.inference_mode():
+        ref_codes = model.quantizer.encode(model.encoder(wav[:, None]).float())
+    assert (codes.long() == ref_codes).float().mean() > 0.99
+
+
 def _clusters(n=512, k=8, dim=4, seed=0):
     g = torch.Generator().manual_seed(seed)
     centres = torch.randn(k, dim, generator=g) * 5

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cantus.config import ConfigError, from_dict
+from cantus.tokenize import codec_cpu
 from cantus.tokenize.rvq import ResidualVQ
 
 
@@ -246,7 +247,11 @@ class SoundStream(nn.Module):
                n_q: int | None = None) -> torch.Tensor:
         """float[B, N] (or [B, 1, N]) -> uint16[B, n_q, ceil(N / hop)] acoustic tokens."""
         x = self._prepare(wav, sample_rate).to(self._device())
-        codes = self.quantizer.encode(self.encoder(x).float(), n_q)
+        if x.device.type == "cpu" and not torch.is_autocast_enabled("cpu"):
+            z = codec_cpu.encode_latents(self.encoder, x, self.cfg.hop, self.cfg.strides)
+        else:
+            z = self.encoder(x)
+        codes = self.quantizer.encode(z.float(), n_q)
         return codes.to(torch.int32).to(torch.uint16)
 
     @torch.inference_mode()
@@ -259,7 +264,10 @@ class SoundStream(nn.Module):
                 raise ValueError(f"n_q must be in [1, {codes.shape[1]}], got {n_q}")
             codes = codes[:, :n_q]
         codes = codes.to(torch.int32).long().to(self._device())
-        return self.decoder(self.quantizer.decode(codes))[:, 0].float()
+        q = self.quantizer.decode(codes)
+        if q.device.type == "cpu" and not torch.is_autocast_enabled("cpu"):
+            return codec_cpu.decode_waveform(self.decoder, q, self.cfg.hop)[:, 0]
+        return self.decoder(q)[:, 0].float()
 
     def _device(self) -> torch.device:
         return next(self.parameters()).device
