@@ -13,7 +13,7 @@ initialisation is run once so the codebooks are real):
 - when CUDA is present: encode and decode throughput in audio-hours per second
   at batch 64 (bf16 autocast).
 
-    python bench/codec.py [--seconds 10] [--rounds 3]
+    python bench/codec.py [--seconds 10] [--rounds 7]
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ def gpu_throughput(model: SoundStream, seconds: float, batch: int = 64) -> dict[
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seconds", type=float, default=10.0)
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--sizes", nargs="+", default=["demo", "paper"])
     args = p.parse_args()
     torch.set_num_threads(1)

@@ -79,6 +79,26 @@ def test_cpu_inference_path_equals_the_modules(size):
     assert (codes.long() == ref_codes).float().mean() > 0.99
 
 
+def test_native_elu_matches_torch(monkeypatch):
+    import shutil
+
+    from cantus.tokenize import cpu_native
+
+    x = torch.cat([torch.linspace(-100, 20, 200_001), torch.tensor([0.0, -0.0, 1e-30, -1e-30]),
+                   3 * torch.randn(10_000)])
+    ref = torch.nn.functional.elu(x.double())
+    if shutil.which("cc") or shutil.which("gcc"):
+        assert cpu_native.available()
+    y = cpu_native.elu(x)
+    assert y.data_ptr() != x.data_ptr() and (y.double() - ref).abs().max() < 1e-6
+    z = x.clone()
+    assert cpu_native.elu(z, inplace=True).data_ptr() == z.data_ptr()
+    assert torch.equal(z, y)
+    assert torch.equal(cpu_native.elu(x[::2]), torch.nn.functional.elu(x[::2]))  # strided: torch
+    monkeypatch.setattr(cpu_native, "_lib", False)  # no compiler: plain F.elu
+    assert torch.equal(cpu_native.elu(x), torch.nn.functional.elu(x))
+
+
 def _clusters(n=512, k=8, dim=4, seed=0):
     g = torch.Generator().manual_seed(seed)
     centres = torch.randn(k, dim, generator=g) * 5

@@ -8,9 +8,11 @@ rows ``[time, channels]``, seen by oneDNN as channels-last 2-D images
 - a dilated convolution becomes an undilated one over a ``[T / d, d]`` image
   (the ``d`` interleaved phases side by side), which oneDNN runs 1.5-2x faster;
 - the one-channel input convolution is an im2col matrix product;
-- a residual unit's k=1 convolution and its skip connection are one ``addmm``;
+- a residual unit's k=1 convolution and its skip connection are one in-place ``addmm``;
 - a transposed convolution of stride s is an ordinary k=2 convolution with
   s x C_out outputs per frame, whose rows are read back as s rows each;
+- ELUs use ``cpu_native.elu`` (a vectorised C loop, 3x ``F.elu`` on one
+  thread), and glibc is told to keep freed activations for reuse;
 - no padding is copied: convolutions pad both sides and the right-hand frames
   they add are left at the end. They are "future" frames that no earlier frame
   depends on (the encoder is causal), so the valid prefix is exact; the input
@@ -30,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
+
+from cantus.tokenize import cpu_native
 
 CHANNELS_LAST = torch.channels_last
 
@@ -67,11 +71,14 @@ def _conv(conv: nn.Conv1d, rows: torch.Tensor) -> torch.Tensor:
 
 
 def _residual(unit: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """ELU, dilated conv, ELU, k=1 conv, plus x: the last two in one addmm."""
+    """ELU, dilated conv, ELU, k=1 conv, plus x: the last two as one addmm into x.
+
+    ``x`` is overwritten: it is always an intermediate of ``_run``, needed no more.
+    """
     _, dilated, _, pointwise = unit.block
-    h = _conv(dilated, F.elu(x))[: x.shape[0]]
-    F.elu_(h)
-    out = torch.addmm(x, h, pointwise.weight[:, :, 0].t())
+    h = _conv(dilated, cpu_native.elu(x))[: x.shape[0]]
+    cpu_native.elu(h, inplace=True)
+    out = x.addmm_(h, pointwise.weight[:, :, 0].t())  # x is ours (a layer's output)
     return out if pointwise.bias is None else out.add_(pointwise.bias)
 
 
@@ -86,6 +93,7 @@ def _tail(strides: tuple[int, ...], dilation: int = 9) -> int:
 def encode_latents(encoder: nn.Module, wav: torch.Tensor, hop: int,
                    strides: tuple[int, ...]) -> torch.Tensor:
     """float[B, 1, N] (N a multiple of ``hop``) -> float[B, D, N / hop], as ``encoder(wav)``."""
+    cpu_native.keep_freed_memory()
     frames = wav.shape[-1] // hop
     out = []
     with parametrize.cached():
@@ -120,7 +128,7 @@ def _run(net: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
         if isinstance(layer, ResidualUnit):
             x = _residual(layer, x)
         elif isinstance(layer, nn.ELU):
-            x = F.elu_(x) if layer.inplace else F.elu(x)
+            x = cpu_native.elu(x, inplace=layer.inplace)
         elif isinstance(layer, nn.ConvTranspose1d):
             x = _transposed(layer, x)
         else:
@@ -131,6 +139,7 @@ def _run(net: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
 @torch.inference_mode()
 def decode_waveform(decoder: nn.Module, latents: torch.Tensor, hop: int) -> torch.Tensor:
     """float[B, D, T] -> float[B, 1, T * hop], as ``decoder(latents)``."""
+    cpu_native.keep_freed_memory()
     out = []
     with parametrize.cached():
         for item in latents:
