@@ -98,8 +98,9 @@ def main() -> None:
     print(f"{'model':<16}{'params':>10}{'encode RTF':>13}{'decode RTF':>13}")
     print(f"{'EnCodec (paper)':<16}{'':>10}{ENCODEC['encode']:>12.1f}x{ENCODEC['decode']:>12.1f}x")
     models = {size: build(size) for size in args.sizes}
+    measured = {}
     for size, model in models.items():
-        r = cpu_rtf(model, args.seconds, args.rounds)
+        r = measured[size] = cpu_rtf(model, args.seconds, args.rounds)
         n = sum(q.numel() for q in model.parameters()) / 1e6
         print(f"{size:<16}{n:>9.2f}M{r['encode']:>12.1f}x{r['decode']:>12.1f}x"
               f"   (encode {r['encode'] / ENCODEC['encode']:.2f}x EnCodec's, "
@@ -107,10 +108,10 @@ def main() -> None:
         print(f"{'  modules fwd':<16}{'':>10}{r['encode_modules']:>12.1f}x{r['decode_modules']:>12.1f}x"
               f"   (CPU path {r['encode'] / r['encode_modules']:.2f}x / "
               f"{r['decode'] / r['decode_modules']:.2f}x faster)")
-    if "paper" in models:
-        r = cpu_rtf(models["paper"], args.seconds, args.rounds)
-        print(f"target: paper-size encode >= 10x real time: "
-              f"{'met' if r['encode'] >= 10 else 'NOT met'} ({r['encode']:.1f}x)")
+    if "paper" in measured:
+        e = measured["paper"]["encode"]
+        print(f"target: paper-size encode >= 10x real time: {'met' if e >= 10 else 'NOT met'} "
+              f"({e:.1f}x)")
     if torch.cuda.is_available():
         torch.set_num_threads(torch.get_num_threads())
         print(f"\nGPU ({torch.cuda.get_device_name()}), batch 64 x {args.seconds:g} s, bf16:")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -166,6 +167,21 @@ def decode_flac(data: bytes) -> tuple[np.ndarray, int]:
 
     x, rate = sf.read(io.BytesIO(data), dtype="float32")
     return x, int(rate)
+
+
+def decode_sample(fields: dict[str, bytes]) -> tuple[np.ndarray, dict[str, Any]]:
+    """One audio-shard sample ({key}.flac, {key}.json) -> (float32[N] mono, its metadata).
+
+    Torch-free on purpose: Ray's decode tasks run it in fresh worker processes.
+    """
+    import json
+
+    import soundfile as sf
+
+    x, _ = sf.read(io.BytesIO(fields["flac"]), dtype="float32")
+    if x.ndim == 2:
+        x = x.mean(axis=1)
+    return x, json.loads(fields["json"])
 
 
 def pcm_hash(pcm: np.ndarray) -> str:

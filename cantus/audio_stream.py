@@ -21,8 +21,6 @@ of a checkpoint and ``load_state_dict`` resumes at exactly the next batch.
 from __future__ import annotations
 
 import hashlib
-import io
-import json
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,6 +30,7 @@ import numpy as np
 import torch
 
 from cantus import shards
+from cantus.audio import decode_sample  # noqa: F401  (re-exported: callers import it here)
 
 
 def shard_paths(folder: str | Path, split: str) -> list[str]:
@@ -45,16 +44,6 @@ def shard_paths(folder: str | Path, split: str) -> list[str]:
 def _seed(*parts: Any) -> int:
     h = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
     return int.from_bytes(h[:8], "big")
-
-
-def decode_sample(fields: dict[str, bytes]) -> tuple[np.ndarray, dict[str, Any]]:
-    """One shard sample -> (float32[N] mono audio, its JSON metadata)."""
-    import soundfile as sf
-
-    x, _ = sf.read(io.BytesIO(fields["flac"]), dtype="float32")
-    if x.ndim == 2:
-        x = x.mean(axis=1)
-    return x, json.loads(fields["json"])
 
 
 class AudioCrops(torch.utils.data.IterableDataset):

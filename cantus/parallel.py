@@ -42,8 +42,12 @@ def init_ray(num_cpus: int = 0) -> None:
     from ray._private import ray_constants
 
     ray_constants.ENABLE_RAY_CLUSTER = False
+    # Model actors count as workers too, so with the default limit (one worker
+    # per CPU) Ray kills an idle task worker after 1 s and starts a fresh one
+    # (~1 s of CPU) for the next decode task: keep idle workers for a minute.
     ray.init(num_cpus=num_cpus or None, include_dashboard=False, log_to_driver=False,
-             _node_ip_address="127.0.0.1")
+             _node_ip_address="127.0.0.1",
+             _system_config={"idle_worker_killing_time_threshold_ms": 60_000})
 
 
 def map_unordered(fn: Callable[..., Any], items: Iterable[Any], *, executor: str = "local",

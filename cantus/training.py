@@ -32,6 +32,13 @@ log = logging.getLogger(__name__)
 _STEP_RE = re.compile(r"^step-(\d{8})\.pt$")
 
 
+def resolve_device(device: str) -> str:
+    """A params ``device`` ("cpu", "cuda" or "auto") -> the torch device to use."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
 def rng_state() -> dict[str, Any]:
     """Every generator's state, as tensors and plain values (weights_only-safe)."""
     np_state = np.random.get_state()

@@ -8,7 +8,8 @@ rows ``[time, channels]``, seen by oneDNN as channels-last 2-D images
 - a dilated convolution becomes an undilated one over a ``[T / d, d]`` image
   (the ``d`` interleaved phases side by side), which oneDNN runs 1.5-2x faster;
 - the one-channel input convolution is an im2col matrix product;
-- a residual unit's k=1 convolution and its skip connection are one in-place ``addmm``;
+- a residual unit's k=1 convolution and its skip connection are one in-place
+  ``addmm``, and its bias is added by the next ELU on the way;
 - a transposed convolution of stride s is an ordinary k=2 convolution with
   s x C_out outputs per frame, whose rows are read back as s rows each;
 - ELUs use ``cpu_native.elu`` (a vectorised C loop, 3x ``F.elu`` on one
@@ -70,16 +71,17 @@ def _conv(conv: nn.Conv1d, rows: torch.Tensor) -> torch.Tensor:
                           dilation=(1, d)))
 
 
-def _residual(unit: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _residual(unit: nn.Module, x: torch.Tensor, pending: torch.Tensor | None) -> torch.Tensor:
     """ELU, dilated conv, ELU, k=1 conv, plus x: the last two as one addmm into x.
 
     ``x`` is overwritten: it is always an intermediate of ``_run``, needed no more.
+    Its true value is ``x + pending``: the k=1 convs' biases are not added to x
+    but carried to the next ELU, which adds them on the way (one pass fewer).
     """
     _, dilated, _, pointwise = unit.block
-    h = _conv(dilated, cpu_native.elu(x))[: x.shape[0]]
+    h = _conv(dilated, cpu_native.elu(x, bias=pending))[: x.shape[0]]
     cpu_native.elu(h, inplace=True)
-    out = x.addmm_(h, pointwise.weight[:, :, 0].t())  # x is ours (a layer's output)
-    return out if pointwise.bias is None else out.add_(pointwise.bias)
+    return x.addmm_(h, pointwise.weight[:, :, 0].t())
 
 
 def _tail(strides: tuple[int, ...], dilation: int = 9) -> int:
@@ -124,16 +126,22 @@ def _transposed(conv: nn.ConvTranspose1d, rows: torch.Tensor) -> torch.Tensor:
 def _run(net: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
     from cantus.tokenize.codec_model import ResidualUnit
 
+    pending = None  # biases of residual units not yet added to x (see _residual)
     for layer in net:
         if isinstance(layer, ResidualUnit):
-            x = _residual(layer, x)
-        elif isinstance(layer, nn.ELU):
-            x = cpu_native.elu(x, inplace=layer.inplace)
-        elif isinstance(layer, nn.ConvTranspose1d):
-            x = _transposed(layer, x)
+            x = _residual(layer, x, pending)
+            b = layer.block[3].bias
+            if b is not None:
+                pending = b if pending is None else pending + b
+            continue
+        if isinstance(layer, nn.ELU):
+            x = cpu_native.elu(x, inplace=layer.inplace, bias=pending)
         else:
-            x = _conv(layer, x)
-    return x
+            if pending is not None:
+                x = x.add_(pending)
+            x = _transposed(layer, x) if isinstance(layer, nn.ConvTranspose1d) else _conv(layer, x)
+        pending = None
+    return x if pending is None else x.add_(pending)
 
 
 @torch.inference_mode()

@@ -64,11 +64,16 @@ static inline float expm1_nonpositive(float x) {
     return two_n * em + (two_n - 1.0f);                /* 2^n (expm1(r) + 1) - 1 */
 }
 
-void cantus_elu(const float *x, float *y, int64_t n) {
-    for (int64_t i = 0; i < n; i++) {
-        float v = x[i];
-        float e = expm1_nonpositive(v < 0.0f ? v : 0.0f);
-        y[i] = v > 0.0f ? v : e;
+/* y = ELU(x + bias), x and y [rows, cols] row-major, bias [cols] (y may be x) */
+void cantus_elu(const float *x, const float *bias, float *y, int64_t rows, int64_t cols) {
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * cols;
+        float *yr = y + r * cols;
+        for (int64_t c = 0; c < cols; c++) {
+            float v = xr[c] + bias[c];
+            float e = expm1_nonpositive(v < 0.0f ? v : 0.0f);
+            yr[c] = v > 0.0f ? v : e;
+        }
     }
 }
 """
@@ -130,7 +135,8 @@ def _build() -> ctypes.CDLL | bool:
                                check=True, capture_output=True, text=True, timeout=120)
                 os.replace(out, target)  # atomic: concurrent builders never see half a file
         lib = ctypes.CDLL(str(target))
-        lib.cantus_elu.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+        lib.cantus_elu.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                                   ctypes.c_int64, ctypes.c_int64]
         lib.cantus_elu.restype = None
         return lib
     except (OSError, subprocess.SubprocessError) as e:
@@ -150,13 +156,25 @@ def available() -> bool:
     return _native() is not None
 
 
-def elu(x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
-    """ELU(alpha=1) of ``x`` (into ``x`` itself when ``inplace``)."""
-    lib = (_native() if x.dtype == torch.float32 and x.device.type == "cpu"
-           and x.is_contiguous() and not x.requires_grad and torch.get_num_threads() < 3
-           else None)
+def elu(x: torch.Tensor, inplace: bool = False,
+        bias: torch.Tensor | None = None) -> torch.Tensor:
+    """ELU(alpha=1) of ``x`` (plus ``bias`` over its last dim), into ``x`` when ``inplace``.
+
+    ``x`` itself is unchanged unless ``inplace``: the bias is added on the way.
+    """
+    native = (x.dtype == torch.float32 and x.device.type == "cpu" and x.is_contiguous()
+              and x.dim() >= 1 and not x.requires_grad and torch.get_num_threads() < 3)
+    lib = _native() if native else None
     if lib is None:
+        if bias is not None:
+            return F.elu_(x.add_(bias) if inplace else x + bias)
         return F.elu_(x) if inplace else F.elu(x)
+    cols = x.shape[-1]
+    if bias is None:
+        bias = torch.zeros(cols)
+    bias = bias.detach().to(torch.float32).contiguous()
+    if bias.shape != (cols,):
+        raise ValueError(f"bias of shape {tuple(bias.shape)} for rows of {cols}")
     out = x if inplace else torch.empty_like(x)
-    lib.cantus_elu(x.data_ptr(), out.data_ptr(), x.numel())
+    lib.cantus_elu(x.data_ptr(), bias.data_ptr(), out.data_ptr(), x.numel() // max(cols, 1), cols)
     return out

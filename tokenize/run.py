@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 
 from cantus import shards
@@ -65,18 +64,10 @@ class TokenizeConfig:
         _require(self.device in ("cpu", "cuda", "auto"), "device", "must be cpu, cuda or auto")
 
 
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
 def decode_shard(path: str, sample_rate: int) -> dict[str, Any]:
     """CPU task: one audio shard -> its chunks at ``sample_rate`` (and undecodable keys)."""
-    from cantus import audio
-    from cantus.audio_stream import decode_sample
+    from cantus import audio  # torch-free: a decode worker never imports torch
+    from cantus.audio import decode_sample
 
     keys, wavs, rejects = [], [], []
     for key, fields in shards.iter_samples(path):
@@ -97,6 +88,8 @@ class ShardTokenizer:
             import torch
 
             torch.set_num_threads(threads)  # one actor per CPU must not oversubscribe it
+        from cantus.training import resolve_device
+
         self.tok = load_field(field, models, resolve_device(device))
         self.field = field
 
@@ -123,9 +116,6 @@ class ShardTokenizer:
         shards.write_shard(out_path, [(k, {f"{self.field}.npy": npy_bytes(t)})
                                       for k, t in zip(keys, tokens)])
         return summary
-
-    def describe(self) -> dict[str, Any]:
-        return self.tok.describe()
 
     def info(self) -> tuple[dict[str, Any], int, str]:
         """(manifest entry, input sample rate, Ray node id or "local")."""
@@ -220,8 +210,11 @@ class ActorPool:
 def run(cfg: TokenizeConfig, field: str, audio_dir: str | Path, models: dict[str, str],
         out: str | Path) -> dict[str, Any]:
     """Tokenize every audio shard for ``field``; returns a summary."""
+    import time
+
     from cantus.training import progress
 
+    t0 = time.perf_counter()
     out = Path(out)
     paths = [p for split in ("train", "valid") for p in _shards_or_none(audio_dir, split)]
     if not paths:
@@ -241,6 +234,7 @@ def run(cfg: TokenizeConfig, field: str, audio_dir: str | Path, models: dict[str
         else:
             jobs.append((p, target))
     skipped = len(summaries)
+    ready = time.perf_counter()
     sched = (((s, "local") for s in _schedule_local(local, jobs, rate))
              if cfg.executor == "local" else pool.schedule(jobs))
     nodes: dict[str, int] = {}
@@ -249,9 +243,13 @@ def run(cfg: TokenizeConfig, field: str, audio_dir: str | Path, models: dict[str
             summaries[s["shard"]] = s
             nodes[node] = nodes.get(node, 0) + 1
             bar.update(1)
+    done = time.perf_counter()
     summary = _write_tables(out, field, description, [summaries[Path(p).name] for p in paths],
                             skipped)
-    return {**summary, "nodes": nodes}   # shards tokenized on each node (not written)
+    log.info("tokenize %s: models ready in %.1f s, %d shards in %.1f s", field, ready - t0,
+             len(jobs), done - ready)
+    # not written to the tables: where the shards ran and how long it took
+    return {**summary, "nodes": nodes, "startup_s": ready - t0, "tokenize_s": done - ready}
 
 
 def _shards_or_none(folder, split) -> list[str]:

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from cantus import audio, shards
+from cantus.training import resolve_device
 from cantus.audio_stream import decode_sample, shard_paths
 from cantus.config import ConfigError, load_section, to_dict
 from cantus.tokenize import semantic_model as sm
@@ -204,7 +205,7 @@ def extractor_for(model_out: str | Path, cfg: KMeansConfig) -> tuple[sm.FeatureE
                                                                        dict[str, Any]]:
     """The feature extractor of a pretraining stage output, and its manifest."""
     manifest = json.loads((Path(model_out) / "manifest.json").read_text())
-    model = sm.load(model_dir(model_out), sm.resolve_device(cfg.device))
+    model = sm.load(model_dir(model_out), resolve_device(cfg.device))
     return sm.FeatureExtractor(model, cfg.layer, cfg.token_rate), manifest
 
 
@@ -246,7 +247,7 @@ class SemanticTokenizer:
 
     def __init__(self, model_out: str | Path, codebook_dir: str | Path, device: str = "auto"):
         self.manifest = json.loads((Path(codebook_dir) / "manifest.json").read_text())
-        model = sm.load(model_dir(model_out), sm.resolve_device(device))
+        model = sm.load(model_dir(model_out), resolve_device(device))
         if sm.checkpoint_hash(model_dir(model_out)) != self.manifest["model_hash"]:
             raise ValueError(f"codebook {codebook_dir} was fitted on another model")
         self.extractor = sm.FeatureExtractor(model, self.manifest["layer"],

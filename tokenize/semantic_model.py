@@ -162,12 +162,6 @@ def checkpoint_hash(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
 def num_frames(num_samples: int, token_rate: int) -> int:
     """Frames of ``num_samples`` of 16 kHz audio at ``token_rate`` Hz."""
     return num_samples * token_rate // SAMPLE_RATE

@@ -162,7 +162,7 @@ def pretrain(cfg: sm.SemanticModelConfig, train_shards: list[str], out: Path,
              stop_after: int | None = None) -> dict[str, Any]:
     """Train (or resume) and write the model to ``out``; ``stop_after`` simulates a crash."""
     p = cfg.pretrain
-    device = sm.resolve_device(p.device)
+    device = training.resolve_device(p.device)
     torch.manual_seed(p.seed)
     model = W2VBert(sm.build(cfg.size, p.dropout, cfg.utterance_norm), p.codebook_size, p.codevector_dim).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=p.lr, weight_decay=p.weight_decay)

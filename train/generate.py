@@ -38,7 +38,7 @@ import torch
 from cantus.audio import resample
 from cantus.config import load_section
 from cantus.tokens import ACOUSTIC_HZ, SEMANTIC_HZ
-from cantus.training import progress, read_config
+from cantus.training import progress, read_config, resolve_device
 
 from .sample import SampleOptions, sample_frames
 from .stage import load_stage
@@ -256,12 +256,6 @@ class Generator:
         frames = known["semantic"].shape[1] + max(1, round(seconds * SEMANTIC_HZ))
         return self._chain(np.repeat(mulan, b, axis=0), frames, cfg,
                            cfg.seed if seed is None else seed, known)
-
-
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
 
 
 def write_wavs(wavs: np.ndarray, rate: int, out: str | Path) -> list[Path]:
