@@ -7,7 +7,9 @@ audio shards, rewritten into shards of 4) and the same trained demo models:
   model actor each) against a plain Python loop on one thread that decodes
   each chunk and calls the three tokenizers in-process (target ratio >= 0.9);
 - the pipeline with 2 actors per field against 1 (target >= 1.7x);
-- peak RSS of the whole process tree for N and 2N chunks (target: within 15%).
+- peak RSS of the whole process tree for N and 2N chunks (target: within 15%);
+- with CUDA: the three fields with one GPU actor each, as audio-hours
+  tokenized per GPU-hour.
 
 Throughput is tokenizing time only: the loop's model loading and the
 pipeline's start-up (actor processes importing torch and transformers, then
@@ -74,8 +76,9 @@ def plain_loop(folder: Path) -> tuple[float, float]:
     return t1 - t0, time.perf_counter() - t1
 
 
-def pipeline(folder: Path, work: Path, actors: int) -> tuple[float, float]:
-    """(actor start-up s, tokenizing s) of the three field stages, ``actors`` actors each."""
+def pipeline(folder: Path, work: Path, actors: int, gpus: float = 0.0) -> tuple[float, float]:
+    """(actor start-up s, tokenizing s) of the three field stages, ``actors`` actors each
+    (each holding ``gpus`` GPUs; then Ray gets every CPU, else 2)."""
     import shutil
 
     import ray
@@ -85,7 +88,9 @@ def pipeline(folder: Path, work: Path, actors: int) -> tuple[float, float]:
 
     cfg = dataclasses.replace(tokenize.load_config(ROOT / "params.yaml"), executor="ray",
                               actors=actors, max_in_flight=2 * actors)
-    init_ray(num_cpus=2)
+    if gpus:
+        cfg = dataclasses.replace(cfg, gpus_per_actor=gpus, device="cuda")
+    init_ray(num_cpus=0 if gpus else 2)
     try:
         startup = busy = 0.0
         for field, ms in FIELDS.items():
@@ -117,6 +122,19 @@ def peak_rss(folder: Path, out: Path) -> float:
     if proc.returncode:
         raise RuntimeError(f"tokenize failed ({proc.returncode}): {' '.join(cmd)}")
     return peak / 2**20
+
+
+def gpu_report(work: Path, secs: float) -> None:
+    """With CUDA: one GPU actor per field; audio-hours tokenized per GPU-hour."""
+    import torch
+
+    if not torch.cuda.is_available():
+        print("no CUDA device: GPU actors not measured")
+        return
+    up, busy = pipeline(work / "n", work / "gpu", 1, gpus=1.0)
+    print(f"GPU actors ({torch.cuda.get_device_name()}), 1 per field: "
+          f"{secs / busy:.0f} audio-hours per GPU-hour ({secs / (up + busy):.0f} with "
+          f"{up:.1f} s start-up); demo models, a small input: a lower bound")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -152,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{loop[2] / one[2]:5.2f} with start-up")
         print(f"2 actors vs 1            : {one[1] / two[1]:5.2f}x throughput (target >= 1.7x); "
               f"{one[2] / two[2]:5.2f}x with start-up")
+        gpu_report(work, secs)
         rss_n, rss_2n = peak_rss(work / "n", work / "rss_n"), peak_rss(work / "2n", work / "rss_2n")
         print(f"peak RSS (acoustic field, process tree): N {rss_n:.0f} MiB, 2N {rss_2n:.0f} MiB, "
               f"ratio {rss_2n / rss_n:5.3f} (target <= 1.15)")
