@@ -184,34 +184,26 @@ class ActorPool:
         log.info("%d %s actors on %d Ray node(s)", n, field, len(set(self.nodes)))
 
     def schedule(self, jobs: list[tuple[str, str]]):
-        """Decode tasks feed the actors, ``max_in_flight`` shards at a time.
-
-        Each shard goes to the actor with the fewest outstanding: an actor that
-        runs slower (a busier node) is not handed every other shard regardless.
-        """
+        """Decode tasks feed the actors, ``max_in_flight`` shards at a time."""
         import ray
 
         decode = ray.remote(num_cpus=self.cfg.decode_cpus, max_retries=3)(decode_shard)
         n = len(self.actors)
         window = self.cfg.max_in_flight or 2 * n
-        load = [0] * n
-        pending, it = {}, iter(jobs)
+        pending, it = {}, iter(enumerate(jobs))
         while True:
             while len(pending) < window:
                 nxt = next(it, None)
                 if nxt is None:
                     break
-                path, out_path = nxt
-                actor = load.index(min(load))
-                ref = self.actors[actor].run.remote(decode.remote(path, self.sample_rate),
+                i, (path, out_path) = nxt
+                ref = self.actors[i % n].run.remote(decode.remote(path, self.sample_rate),
                                                     out_path)
-                pending[ref] = actor
-                load[actor] += 1
+                pending[ref] = i % n
             if not pending:
                 break
             done, _ = ray.wait(list(pending), num_returns=1)
             actor = pending.pop(done[0])
-            load[actor] -= 1
             yield ray.get(done[0]), self.nodes[actor]
 
 
