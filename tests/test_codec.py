@@ -79,6 +79,37 @@ def test_cpu_inference_path_equals_the_modules(size):
     assert (codes.long() == ref_codes).float().mean() > 0.99
 
 
+_REUSE_PROBE = """
+import resource, sys
+from cantus.tokenize import cpu_native
+if sys.argv[1] != "default":
+    cpu_native.keep_freed_memory(every_size=sys.argv[1] == "every")
+faults = []
+for _ in range(4):  # a 64 MB block, written, freed, allocated again
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    block = bytearray(64 << 20)
+    del block
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(sum(faults[1:]))
+"""
+
+
+def test_keep_freed_memory_reuses_blocks_above_the_mmap_limit():
+    import subprocess
+    import sys
+
+    def later_faults(mode):
+        out = subprocess.run([sys.executable, "-c", _REUSE_PROBE, mode], check=True,
+                             capture_output=True, text=True, cwd=ROOT).stdout
+        return int(out.split()[-1])
+
+    pages = (64 << 20) // 4096
+    # 64 MB is above glibc's largest mmap threshold: only every_size keeps it mapped
+    assert later_faults("default") > 2 * pages
+    assert later_faults("32mib") > 2 * pages
+    assert later_faults("every") < pages // 10
+
+
 def test_native_elu_matches_torch(monkeypatch):
     import shutil
 

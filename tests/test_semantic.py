@@ -68,6 +68,35 @@ def test_features_have_25hz_frames_and_the_layer_width(tiny_model):
     assert sm.default_layer(paper) == 19  # the MLM module's 7th layer
 
 
+def test_compact_relative_bias_equals_transformers_own(tiny_model):
+    from transformers.models.wav2vec2_bert import modeling_wav2vec2_bert as w2v
+
+    sm.use_compact_relative_bias()
+    own, compact = sm.transformers_relative_bias, w2v._apply_relative_key_position_encoding
+    assert own is not None and compact is sm._relative_key_bias
+    attn = tiny_model.encoder.layers[0].self_attn
+    assert attn.position_embeddings_type == "relative_key"
+    torch.manual_seed(1)
+    with torch.no_grad():
+        attn.distance_embedding.weight.normal_()
+        for t in (1, 5, attn.left_max_position_embeddings + 30):  # shorter and longer than the window
+            q, k = torch.randn(2, 3, t, attn.head_size), torch.randn(2, 3, t, attn.head_size)
+            want, got = own(attn, q, k)[1], compact(attn, q, k)[1]
+            assert got.shape == want.shape == (2, 3, t, t)
+            assert torch.allclose(got, want, rtol=1e-6, atol=1e-6)
+    # the whole model: features with transformers' bias and with the compact one
+    fe = sm.FeatureExtractor(tiny_model, layer=0, token_rate=25)
+    clips = [melody(2, 3.0, rate=16000), melody(3, 2.2, rate=16000)]
+    fast = fe(clips, 16000)
+    try:
+        w2v._apply_relative_key_position_encoding = own
+        slow = fe(clips, 16000)
+    finally:
+        w2v._apply_relative_key_position_encoding = compact
+    for a, b in zip(fast, slow):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_bad_audio_and_settings_fail_clearly(tiny_model):
     fe = sm.FeatureExtractor(tiny_model)
     with pytest.raises(ValueError, match="shorter than one"):

@@ -123,6 +123,10 @@ def load_field(field: str, models: dict[str, str], device: str = "cpu"):
     for name in FIELD_MODELS[field]:
         if not Path(models[name]).is_dir():
             raise FileNotFoundError(f"{name} model folder not found: {models[name]}")
+    if str(device).startswith("cpu"):
+        from cantus.tokenize import cpu_native
+
+        cpu_native.keep_freed_memory(every_size=True)  # same-sized shards: reuse every block
     if field == "acoustic":
         return AcousticTokens(models["codec"], device)
     if field == "semantic":

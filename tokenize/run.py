@@ -80,6 +80,14 @@ def decode_shard(path: str, sample_rate: int) -> dict[str, Any]:
     return {"path": path, "keys": keys, "wavs": wavs, "rejects": rejects}
 
 
+def warm_decoder() -> None:
+    """CPU task run while the actors load: a decode worker's imports, done before any shard."""
+    import soundfile  # noqa: F401  (decode_sample's and resample's deferred imports)
+    import soxr  # noqa: F401
+
+    from cantus import audio  # noqa: F401
+
+
 class ShardTokenizer:
     """Holds one field's model; ``run`` tokenizes one decoded shard and writes it."""
 
@@ -178,7 +186,15 @@ class ActorPool:
         threads = max(1, int(round(cfg.cpus_per_actor)))
         self.actors = [actor_cls.remote(field, models, cfg.device, threads) for _ in range(n)]
         self.cfg = cfg
+        # A fresh decode worker spends ~1 s importing before its first shard, and
+        # the actors would wait for it: start as many as can run beside the actors
+        # now, while the actors load their models (idle workers are kept, see init_ray).
+        window = cfg.max_in_flight or 2 * n
+        spare = int(round((total - n * cfg.cpus_per_actor) / cfg.decode_cpus, 6))
+        warm = ray.remote(num_cpus=cfg.decode_cpus)(warm_decoder)
+        warming = [warm.remote() for _ in range(max(1, min(window, spare)))]
         infos = ray.get([a.info.remote() for a in self.actors])
+        ray.get(warming)
         self.description, self.sample_rate = infos[0][0], infos[0][1]
         self.nodes = [i[2] for i in infos]
         log.info("%d %s actors on %d Ray node(s)", n, field, len(set(self.nodes)))

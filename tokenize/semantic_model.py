@@ -167,6 +167,41 @@ def num_frames(num_samples: int, token_rate: int) -> int:
     return num_samples * token_rate // SAMPLE_RATE
 
 
+def _relative_key_bias(module, query: torch.Tensor, key: torch.Tensor):
+    """transformers' ``relative_key`` position bias, without its [T, T, head] tensor.
+
+    The bias of query i and key j is q_i . E[clamp(j - i)] * scaling, with E the
+    module's ``distance_embedding`` of only left + right + 1 rows. transformers
+    looks E up for every (i, j) pair, a [T, T, head] tensor (128 MB per layer
+    for a 20 s clip of the demo model), then contracts it with the queries.
+    Here the queries meet the few rows of E once, [B, H, T, rows], and each pair
+    gathers its entry: the same dot products (equal to float rounding;
+    tests/test_semantic.py compares), in half the memory and time.
+    """
+    lq, lk = query.shape[2], key.shape[2]
+    left, right = module.left_max_position_embeddings, module.right_max_position_embeddings
+    pos = torch.arange(max(lq, lk), device=query.device)
+    rows = (pos[None, :lk] - pos[:lq, None]).clamp_(-left, right).add_(left)   # (T_q, T_k)
+    table = module.distance_embedding.weight.to(query.dtype)                  # (rows, head)
+    per_row = torch.matmul(query, table.t()).mul_(module.scaling)             # (B, H, T_q, rows)
+    return query, per_row.gather(3, rows.expand(*query.shape[:2], lq, lk))
+
+
+def use_compact_relative_bias() -> None:
+    """Route transformers' Wav2Vec2-BERT ``relative_key`` bias through
+    ``_relative_key_bias`` (process-wide, idempotent; transformers is pinned in
+    pyproject.toml and the test compares the two on every run)."""
+    from transformers.models.wav2vec2_bert import modeling_wav2vec2_bert as w2v
+
+    global transformers_relative_bias
+    if w2v._apply_relative_key_position_encoding is not _relative_key_bias:
+        transformers_relative_bias = w2v._apply_relative_key_position_encoding
+        w2v._apply_relative_key_position_encoding = _relative_key_bias
+
+
+transformers_relative_bias = None  # transformers' own, kept once replaced (for the test)
+
+
 class FeatureExtractor:
     """Audio -> normalisable frame features of one layer, pooled to ``token_rate``.
 
@@ -186,6 +221,7 @@ class FeatureExtractor:
         if token_rate < 1 or MODEL_RATE % token_rate:
             raise ValueError(f"token_rate {token_rate} must divide the model's {MODEL_RATE} Hz")
         self.model, self.token_rate, self.pool = model, token_rate, MODEL_RATE // token_rate
+        use_compact_relative_bias()
         self.front = SeamlessM4TFeatureExtractor()
         # w2v-BERT 2.0 normalises each mel bin per utterance; models we train may not
         # (that erases the long-term spectrum, i.e. much of the timbre).
