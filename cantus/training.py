@@ -149,14 +149,17 @@ def save_weights(model: torch.nn.Module, folder: str | Path, config: Any,
     return hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
 
 
-def load_weights(model: torch.nn.Module, folder: str | Path, device: str = "cpu") -> None:
-    """Load ``model.safetensors`` from ``folder`` into ``model`` (strict)."""
+def load_weights(model: torch.nn.Module, folder: str | Path, device: str = "cpu",
+                 skip: tuple[str, ...] = ()) -> None:
+    """Load ``model.safetensors`` from ``folder`` into ``model`` (strict), leaving out the
+    weights whose names start with one of ``skip`` (parts ``model`` was built without)."""
     from safetensors.torch import load_file
 
     path = Path(folder) / "model.safetensors"
     if not path.is_file():
         raise FileNotFoundError(f"no model weights at {path}")
-    model.load_state_dict(load_file(str(path), device=device))
+    state = load_file(str(path), device=device)
+    model.load_state_dict({k: v for k, v in state.items() if not k.startswith(skip)})
 
 
 def read_config(folder: str | Path) -> dict[str, Any]:

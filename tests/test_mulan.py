@@ -242,6 +242,15 @@ def test_trainer_resumes_exactly_then_rvq_and_metrics(shard_dir, tmp_path):
     assert info["fit_points"] == 8 * (3 + 1)  # 1.5 s at 1 s windows, 0.25 s stride, + means
     tok = MulanTokenizer.load(tmp_path / "m1", tmp_path / "rvq")
     assert tok("a sine sound").shape == (3,)
+    # the tokenize stage's MuLan: audio side only, the same audio tokens
+    from cantus.tokenize.fields import load_field
+
+    field = load_field("mulan", {"mulan": str(tmp_path / "m1"), "mulan_rvq": str(tmp_path / "rvq")})
+    assert field.tok.model.text is None and field.tok.model.text_proj is None
+    clip = _sine(np.random.default_rng(5), 2.0)
+    assert np.array_equal(field.encode_batch([clip])[0], tok(clip))
+    with pytest.raises(RuntimeError, match="without its text tower"):
+        field.tok("a sine sound")
     with pytest.raises(ValueError, match="refit"):  # an RVQ fitted for other weights
         MulanTokenizer.load(_other_weights(tmp_path / "m1", tmp_path / "m4"), tmp_path / "rvq")
 

@@ -97,7 +97,7 @@ class MulanTokens:
     def __init__(self, model_dir: str | Path, rvq_dir: str | Path, device: str = "cpu"):
         from cantus.tokenize.mulan_rvq import MulanTokenizer
 
-        self.tok = MulanTokenizer.load(model_dir, rvq_dir, device=device)
+        self.tok = MulanTokenizer.load(model_dir, rvq_dir, device=device, text=False)
         self.sample_rate = self.tok.model.cfg.sample_rate
         rvq = json.loads((Path(rvq_dir) / "rvq.json").read_text())
         self._desc = {"kind": "mulan-rvq", "checkpoint_hash": sha256_file(

@@ -140,9 +140,10 @@ class MulanTokenizer:
         self.model, self.rvq = model.eval(), rvq
 
     @classmethod
-    def load(cls, model_dir: str | Path, rvq_dir: str | Path, device: str = "cpu"
-             ) -> MulanTokenizer:
-        """Load both, refusing an RVQ fitted for other MuLan weights."""
+    def load(cls, model_dir: str | Path, rvq_dir: str | Path, device: str = "cpu",
+             text: bool = True) -> MulanTokenizer:
+        """Load both, refusing an RVQ fitted for other MuLan weights (``text=False``:
+        audio only, see ``load_mulan``)."""
         from cantus.tokenize.mulan_model import load_mulan
 
         meta = json.loads((Path(rvq_dir) / "rvq.json").read_text())
@@ -150,7 +151,7 @@ class MulanTokenizer:
         if meta.get("mulan_sha256") not in (None, weights):
             raise ValueError(f"{rvq_dir} was fitted for MuLan weights {meta['mulan_sha256'][:12]}, "
                              f"but {model_dir} holds {weights[:12]}: refit the RVQ")
-        return cls(load_mulan(model_dir, device), ResidualKMeans.load(rvq_dir))
+        return cls(load_mulan(model_dir, device, text=text), ResidualKMeans.load(rvq_dir))
 
     def quantise(self, emb: torch.Tensor | np.ndarray) -> np.ndarray:
         """float32[D] or [N, D] embeddings -> uint16[L] or [N, L]."""
