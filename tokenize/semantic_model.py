@@ -176,7 +176,7 @@ def _relative_key_bias(module, query: torch.Tensor, key: torch.Tensor):
     for a 20 s clip of the demo model), then contracts it with the queries.
     Here the queries meet the few rows of E once, [B, H, T, rows], and each pair
     gathers its entry: the same dot products (equal to float rounding;
-    tests/test_semantic.py compares), in half the memory and time.
+    tests/test_semantic.py compares), in about half the memory.
     """
     lq, lk = query.shape[2], key.shape[2]
     left, right = module.left_max_position_embeddings, module.right_max_position_embeddings
