@@ -4,8 +4,9 @@ Measured side by side in one run, on the same chunks (taken from the demo
 audio shards, rewritten into shards of 4) and the same trained demo models:
 
 - pipeline throughput (audio-seconds per wall-second, all three fields, one
-  model actor each) against a plain Python loop on one thread that decodes
-  each chunk and calls the three tokenizers in-process (target ratio >= 0.9);
+  model actor each) against a plain Python loop on one thread, in a process of
+  its own, that decodes each chunk and calls the three tokenizers (target
+  ratio >= 0.9);
 - the pipeline with 2 actors per field against 1 (target >= 1.7x), beside
   what the machine itself gives: the plain loop in 2 processes side by side
   (each on half the shards) against 1;
@@ -58,11 +59,10 @@ def make_shards(folder: Path, chunks: int, per_shard: int = 4) -> float:
     return sum(json.loads(f["json"])["duration_s"] for _, f in picked)
 
 
-def plain_loop(folder: Path, part: int = 0, parts: int = 1, go: Path | None = None
-               ) -> tuple[float, float]:
+def plain_loop(folder: Path, part: int, parts: int, go: Path) -> tuple[float, float]:
     """(model loading s, tokenizing s): decode + the three tokenizers, one chunk at a time,
-    over every ``parts``-th shard from ``part`` (the actors' round-robin split). With ``go``,
-    the tokenizing starts once that file exists (``{go}.ready{part}`` says loading is done)."""
+    over every ``parts``-th shard from ``part`` (the actors' round-robin split), started
+    once ``go`` exists (``{go}.ready{part}`` says loading is done)."""
     import torch
 
     from cantus import audio, shards
@@ -73,10 +73,9 @@ def plain_loop(folder: Path, part: int = 0, parts: int = 1, go: Path | None = No
     t0 = time.perf_counter()
     toks = [load_field(f, {m: str(ROOT / MODELS[m]) for m in ms}) for f, ms in FIELDS.items()]
     loaded = time.perf_counter() - t0
-    if go is not None:
-        Path(f"{go}.ready{part}").touch()
-        while not go.exists():
-            time.sleep(0.005)
+    Path(f"{go}.ready{part}").touch()
+    while not go.exists():
+        time.sleep(0.005)
     t1 = time.perf_counter()
     for path in sorted(folder.glob("*.tar"))[part::parts]:
         for _, fields in shards.iter_samples(path):
