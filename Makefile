@@ -2,7 +2,7 @@
 PY ?= python3
 PIP := $(PY) -m pip
 
-.PHONY: install demo test test-all bench clean
+.PHONY: install demo test test-capped bench clean
 
 install:
 	$(PIP) install -q -e ".[dev]"
@@ -22,7 +22,19 @@ demo: install
 	@echo "Generate more:  cantus generate \"a fast Irish reel on fiddle\" --seconds 10 --out reel.wav"
 
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
+
+# The quick suite once per kernel cap of cantus/kernels.py: ATen, oneDNN and
+# faiss held to AVX2, then to their generic code. `cantus.kernels --check` fails
+# the run unless the cap took effect, and prints what runs. OpenBLAS stays as
+# the machine sets it.
+test-capped: install
+	@for cap in avx2 default; do \
+	  vars="$$($(PY) -m cantus.kernels --env $$cap)"; \
+	  echo "== quick suite under the $$cap kernel cap: $$vars"; \
+	  env $$vars $(PY) -m cantus.kernels --check $$cap || exit 1; \
+	  env $$vars $(PY) -m pytest -q -m "not slow" -p no:cacheprovider || exit 1; \
+	done
 
 bench: install
 	$(PY) bench/ingest.py

@@ -219,7 +219,9 @@ def test_fresh_encoder_latents_follow_the_audio():
 def test_tiny_codec_uses_many_codes_and_they_matter():
     torch.manual_seed(0)
     cfg = _tiny_params()
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr=1e-2, steps=40,
+    # lr 1e-3: at 1e-2 these 40 steps are chaotic, and the code usage they end at
+    # (perplexity 1.7 to 2.7 on level 0) followed the CPU's kernels.
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr=1e-3, steps=40,
                                                              adversarial_start=10**9))
     trainer = train_codec.Trainer(cfg, torch.device("cpu"))
     clip = torch.from_numpy(melody(3, 0.4, 24000))[None]

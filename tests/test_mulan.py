@@ -184,12 +184,18 @@ def test_rvq_fit_encode_decode_round_trip(tmp_path):
     errors = [float(np.square(x - rvq.decode(codes[:, :k])).mean()) for k in range(1, 5)]
     assert all(b < a for a, b in zip(errors, errors[1:]))  # each level helps
     assert np.array_equal(rvq.encode(rvq.decode(codes)), codes) or errors[-1] < errors[0]
-    few = rng.standard_normal((5, 8)).astype(np.float32)  # fewer points than codes: padded
+    few = rng.standard_normal((5, 8)).astype(np.float32)  # fewer points than codes
     small = ResidualKMeans.fit(few, levels=2, size=16)
     assert np.allclose(small.decode(small.encode(few)), few, atol=1e-5)
+    assert small.fitted.tolist() == [5, 1]  # level 1 fits the all-zero residual: one code
+    twice = ResidualKMeans.fit(np.concatenate([few, few]), levels=2, size=16)
+    assert twice.fitted[0] == 5 and twice.encode(few)[:, 0].tolist() == [0, 1, 2, 3, 4]
     capped = ResidualKMeans.fit(x, levels=3, size=1024, iters=5, min_points_per_code=10)
     c = capped.encode(x)
-    assert c.max() < 30 and len(np.unique(c[:, 2])) > 1  # later levels still carry information
+    assert capped.size == 1024 and capped.fitted.tolist() == [30, 30, 30]
+    assert (c < capped.fitted).all() and len(np.unique(c[:, 2])) > 1  # later levels carry info
+    with pytest.raises(ValueError, match="outside the 30 fitted codes"):
+        capped.decode(np.array([[0, 30, 0]]))
     digest = rvq.save(tmp_path / "rvq", {"note": "test"})
     back = ResidualKMeans.load(tmp_path / "rvq")
     assert back.sha256() == digest and np.array_equal(back.encode(x), codes)
@@ -197,6 +203,10 @@ def test_rvq_fit_encode_decode_round_trip(tmp_path):
     meta["sha256"] = "0" * 64
     (tmp_path / "rvq" / "rvq.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="sha256"):
+        ResidualKMeans.load(tmp_path / "rvq")
+    from safetensors.numpy import save_file  # an RVQ saved before the fitted counts existed
+    save_file({"codebooks": rvq.codebooks}, str(tmp_path / "rvq" / "codebooks.safetensors"))
+    with pytest.raises(ValueError, match="refit"):
         ResidualKMeans.load(tmp_path / "rvq")
 
 

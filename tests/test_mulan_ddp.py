@@ -33,6 +33,9 @@ def _rank(rank: int, store: str, out: str) -> None:
         loss = info_nce(a, t, scale)
         loss.backward()
         torch.save({"loss": loss.detach(), "ga": a.grad, "gt": t.grad}, f"{out}.{rank}")
+        # no rank tears gloo down while the other is still in a collective (a rank that
+        # did so aborted now and then: "terminate called without an active exception")
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -104,7 +104,7 @@ class MulanTokens:
             Path(model_dir) / "model.safetensors"), "rvq_hash": sha256_file(
             Path(rvq_dir) / "codebooks.safetensors"), "levels": rvq.get("levels"),
             "codebook_size": rvq.get("codebook_size", rvq.get("size")),
-            "sample_rate": self.sample_rate}
+            "fitted_per_level": self.tok.rvq.fitted.tolist(), "sample_rate": self.sample_rate}
 
     def describe(self) -> dict[str, Any]:
         return dict(self._desc)

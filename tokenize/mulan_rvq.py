@@ -1,9 +1,11 @@
 """The MuLan RVQ: 12 residual k-means codebooks that turn an embedding into tokens.
 
 Goes in: a trained MuLan (``models/mulan``), the audio shards and section
-``mulan.rvq``. Comes out: ``<out>/codebooks.safetensors`` (``float32[L, K,
-D]``) and ``<out>/rvq.json`` (levels, size, the codebooks' sha256, the sha256
-of the MuLan weights they were fitted for, the fit's size). The codebooks
+``mulan.rvq``. Comes out: ``<out>/codebooks.safetensors`` (``codebooks``
+``float32[L, K, D]`` and ``fitted`` ``int64[L]``, the codes each level uses)
+and ``<out>/rvq.json`` (levels, size, fitted codes per level, the sha256 of
+both tensors, the sha256 of the MuLan weights they were fitted for, the fit's
+size). The codebooks
 are fitted once, by k-means at each level on the residuals of the previous
 levels, on audio embeddings of the train split (every window at
 ``fit_stride_seconds`` and every chunk's averaged embedding), then frozen.
@@ -29,6 +31,7 @@ import numpy as np
 import torch
 
 from cantus.config import load_section
+from cantus.nearest import canonical_rows, distinct_rows, nearest_np
 from cantus.shards import atomic_write_json
 from cantus.tokenize.mulan_params import MulanConfig, MulanRVQConfig
 
@@ -36,10 +39,25 @@ log = logging.getLogger(__name__)
 
 
 class ResidualKMeans:
-    """Frozen residual codebooks ``float32[L, K, D]``; greedy nearest-centroid encoding."""
+    """Residual codebooks ``float32[L, K, D]`` of which level ``l`` uses its first
+    ``fitted[l]`` entries; greedy nearest-centroid encoding.
 
-    def __init__(self, codebooks: np.ndarray):
+    ``K`` is the token vocabulary (what the LM layout reserves for the field);
+    ``fitted[l] <= K`` is what the fit found. Encoding searches only the fitted
+    entries, which are distinct, so every code of level ``l`` is below
+    ``fitted[l]`` by construction, whatever the CPU rounds. Entries past
+    ``fitted[l]`` are zero and never produced.
+    """
+
+    def __init__(self, codebooks: np.ndarray, fitted: np.ndarray | None = None):
         self.codebooks = np.ascontiguousarray(codebooks, dtype=np.float32)  # (L, K, D)
+        levels, size = self.codebooks.shape[:2]
+        self.fitted = (np.full(levels, size, np.int64) if fitted is None
+                       else np.asarray(fitted, np.int64).reshape(-1))
+        if self.fitted.shape != (levels,) or (self.fitted < 1).any() or (self.fitted > size).any():
+            raise ValueError(f"fitted codes per level must be {levels} counts in [1, {size}], "
+                             f"got {self.fitted.tolist()}")
+        self._canon = [canonical_rows(self.codebooks[lv, :k]) for lv, k in enumerate(self.fitted)]
 
     @property
     def levels(self) -> int:
@@ -54,11 +72,11 @@ class ResidualKMeans:
             min_points_per_code: int = 1) -> ResidualKMeans:
         """k-means on ``float32[N, D]``, then on each level's residual.
 
-        A level fits ``k = min(size, N // min_points_per_code)`` centroids. With
-        fewer (a demo corpus), the unused entries repeat the fitted ones;
-        encoding picks the first of equal centroids, so codes stay below k.
-        ``min_points_per_code > 1`` keeps a small corpus from being memorised
-        by the first level (which would leave the other levels only zeros).
+        A level fits up to ``min(size, N // min_points_per_code)`` centroids and
+        keeps the distinct ones (equal residuals give equal centroids); with
+        fewer than ``size`` (a demo corpus) the rest of the level stays unused.
+        ``min_points_per_code > 1`` keeps a small corpus from being memorised by
+        the first level (which would leave the other levels only zeros).
         """
         import faiss
 
@@ -66,9 +84,10 @@ class ResidualKMeans:
         n, d = x.shape
         k = max(1, min(size, n // min_points_per_code))
         if k < size:
-            log.warning("RVQ fit on %d points: %d of %d codes per level used, the rest padded",
+            log.warning("RVQ fit on %d points: at most %d of %d codes per level fitted",
                         n, k, size)
         books, residual = np.zeros((levels, size, d), np.float32), x.copy()
+        fitted = np.zeros(levels, np.int64)
         for level in range(levels):
             if k == n:
                 centroids = residual.copy()
@@ -77,27 +96,39 @@ class ResidualKMeans:
                                   min_points_per_centroid=1, max_points_per_centroid=1 << 16)
                 km.train(residual)
                 centroids = km.centroids
-            books[level, :k] = centroids
-            books[level, k:] = centroids[np.arange(size - k) % k]
-            residual = residual - books[level][_nearest(residual, books[level])]
-        return cls(books)
+            centroids = distinct_rows(centroids)
+            fitted[level] = len(centroids)
+            books[level, :len(centroids)] = centroids
+            residual = residual - centroids[nearest_np(residual, centroids)]
+        return cls(books, fitted)
 
     def encode(self, x: np.ndarray) -> np.ndarray:
-        """float32[N, D] -> int64[N, L] codes."""
+        """float32[N, D] -> int64[N, L] codes, level ``l``'s below ``fitted[l]``."""
         residual = np.array(x, dtype=np.float32, ndmin=2)
         codes = np.zeros((residual.shape[0], self.levels), np.int64)
-        for level in range(self.levels):
-            codes[:, level] = _nearest(residual, self.codebooks[level])
-            residual = residual - self.codebooks[level][codes[:, level]]
+        for level, k in enumerate(self.fitted):
+            book = self.codebooks[level, :k]
+            codes[:, level] = nearest_np(residual, book, self._canon[level])
+            residual = residual - book[codes[:, level]]
         return codes
 
     def decode(self, codes: np.ndarray) -> np.ndarray:
         """int[N, L] (or a prefix of the levels) -> float32[N, D], the sum of centroids."""
         codes = np.array(codes, dtype=np.int64, ndmin=2)
+        if codes.shape[1] > self.levels:
+            raise ValueError(f"{codes.shape[1]} levels of codes for an RVQ of {self.levels}")
+        bad = (codes < 0) | (codes >= self.fitted[None, :codes.shape[1]])
+        if bad.any():
+            row, level = map(int, np.argwhere(bad)[0])
+            raise ValueError(f"code {int(codes[row, level])} at level {level} is outside the "
+                             f"{int(self.fitted[level])} fitted codes of that level")
         return sum(self.codebooks[level][codes[:, level]] for level in range(codes.shape[1]))
 
     def sha256(self) -> str:
-        return hashlib.sha256(self.codebooks.tobytes()).hexdigest()
+        """Digest of the codebooks and the fitted counts (both decide every code)."""
+        h = hashlib.sha256(self.codebooks.tobytes())
+        h.update(self.fitted.astype("<i8").tobytes())
+        return h.hexdigest()
 
     def save(self, folder: str | Path, extra: dict[str, Any] | None = None) -> str:
         from safetensors.numpy import save_file
@@ -105,11 +136,12 @@ class ResidualKMeans:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         tmp = folder / ".codebooks.safetensors.tmp"
-        save_file({"codebooks": self.codebooks}, str(tmp))
+        save_file({"codebooks": self.codebooks, "fitted": self.fitted}, str(tmp))
         tmp.replace(folder / "codebooks.safetensors")
         digest = self.sha256()
         atomic_write_json(folder / "rvq.json", {"levels": self.levels, "codebook_size": self.size,
                                                 "dim": int(self.codebooks.shape[2]),
+                                                "fitted_per_level": self.fitted.tolist(),
                                                 "sha256": digest, **(extra or {})})
         return digest
 
@@ -118,17 +150,15 @@ class ResidualKMeans:
         from safetensors.numpy import load_file
 
         folder = Path(folder)
-        rvq = cls(load_file(str(folder / "codebooks.safetensors"))["codebooks"])
+        tensors = load_file(str(folder / "codebooks.safetensors"))
+        if "fitted" not in tensors:
+            raise ValueError(f"{folder}: codebooks without fitted counts per level (written by an "
+                             "older version): refit the RVQ")
+        rvq = cls(tensors["codebooks"], tensors["fitted"])
         want = json.loads((folder / "rvq.json").read_text())["sha256"]
         if rvq.sha256() != want:
             raise ValueError(f"{folder}: codebooks do not match the sha256 in rvq.json")
         return rvq
-
-
-def _nearest(x: np.ndarray, book: np.ndarray) -> np.ndarray:
-    """Index of the nearest row of ``book`` for each row of ``x`` (first on ties)."""
-    d = (x * x).sum(1, keepdims=True) - 2 * x @ book.T + (book * book).sum(1)[None]
-    return d.argmin(axis=1)
 
 
 class MulanTokenizer:
@@ -206,11 +236,9 @@ def run(cfg: MulanRVQConfig, model_dir: str | Path, audio_dir: str | Path,
     weights = hashlib.sha256((Path(model_dir) / "model.safetensors").read_bytes()).hexdigest()
     extra = {"mulan_sha256": weights, "fit_points": int(x.shape[0]), "fit_chunks": len(audio),
              "fit_stride_seconds": cfg.fit_stride_seconds, "kmeans_iters": cfg.kmeans_iters,
-             "codes_used_per_level": int(min(cfg.codebook_size,
-                                             x.shape[0] // cfg.min_points_per_code)),
              "seed": cfg.seed, "train_cosine": round(cos, 6)}
     digest = rvq.save(out, extra)
-    return {"sha256": digest, **extra}
+    return {"sha256": digest, "fitted_per_level": rvq.fitted.tolist(), **extra}
 
 
 def main(argv: list[str] | None = None) -> None:

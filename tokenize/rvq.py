@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cantus.nearest import CanonicalCache, nearest_torch
+
 
 def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
@@ -72,10 +74,19 @@ class EMACodebook(nn.Module):
         self.register_buffer("cluster_size", torch.zeros(size))
         self.register_buffer("embed_sum", torch.zeros(size, dim))
         self.register_buffer("initialised", torch.zeros((), dtype=torch.bool))
+        self._canonical = CanonicalCache()
 
     def nearest(self, x: torch.Tensor) -> torch.Tensor:
-        """float[N, D] -> int64[N] index of the nearest code (squared L2)."""
+        """float[N, D] -> int64[N] index of the nearest code (squared L2).
+
+        Outside training the search of ``cantus.nearest``: the closest few by the
+        fast distance, re-ranked exactly, the first of bit-equal codes, so the
+        tokens do not follow the CPU's rounding. Training keeps the plain
+        search (one matrix product and an argmin per step).
+        """
         c = self.codebook
+        if not self.training:
+            return nearest_torch(x, c, self._canonical(c))[0]
         dist = (x.pow(2).sum(1, keepdim=True) - 2 * x @ c.t()
                 + c.pow(2).sum(1)[None])  # (N, K)
         return dist.argmin(dim=1)

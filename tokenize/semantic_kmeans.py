@@ -36,6 +36,7 @@ from cantus import audio, shards
 from cantus.training import resolve_device
 from cantus.audio_stream import decode_sample, shard_paths
 from cantus.config import ConfigError, load_section, to_dict
+from cantus.nearest import CanonicalCache, nearest_torch
 from cantus.tokenize import semantic_model as sm
 from cantus.tokenize.semantic_pretrain import model_dir
 
@@ -125,7 +126,7 @@ class Codebook:
         self.centroids = torch.as_tensor(centroids, dtype=torch.float32, device=device)
         self.mean = torch.as_tensor(mean, dtype=torch.float32, device=device)
         self.std = torch.as_tensor(std, dtype=torch.float32, device=device)
-        self._sq = (self.centroids ** 2).sum(1)                   # (K,)
+        self._canon = CanonicalCache()(self.centroids)
 
     @property
     def size(self) -> int:
@@ -135,17 +136,14 @@ class Codebook:
         return (x.to(self.centroids) - self.mean) / self.std
 
     @torch.no_grad()
-    def assign(self, x: torch.Tensor | np.ndarray, batch: int = 65536
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Nearest centroid of each raw feature row (N, D): ids int64[N], sq. distance[N]."""
-        x = self.normalise(torch.as_tensor(x))
-        ids, dist = [], []
-        for part in x.split(batch):
-            d = (part ** 2).sum(1, keepdim=True) - 2 * part @ self.centroids.T + self._sq
-            m = d.min(1)                                           # (n,)
-            ids.append(m.indices)
-            dist.append(m.values.clamp_min(0))
-        return torch.cat(ids), torch.cat(dist)
+    def assign(self, x: torch.Tensor | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Nearest centroid of each raw feature row (N, D): ids int64[N], sq. distance[N].
+
+        Exact re-ranking and the first of equal centroids (``cantus.nearest``), so
+        the ids do not follow the CPU's rounding.
+        """
+        ids, dist = nearest_torch(self.normalise(torch.as_tensor(x)), self.centroids, self._canon)
+        return ids, dist.clamp_min(0)
 
     def save(self, folder: str | Path) -> str:
         """Write ``codebook.safetensors``; returns the centroids' sha256."""
