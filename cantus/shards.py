@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import tarfile
 import uuid
@@ -21,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import fsspec
+
+log = logging.getLogger(__name__)
 
 
 def _fs(path: str | Path):
@@ -35,6 +38,37 @@ def _is_local(fs) -> bool:
 def exists(path: str | Path) -> bool:
     fs, p = _fs(path)
     return fs.exists(p)
+
+
+def sha256(path: str | Path, block: int = 1 << 22) -> str:
+    """sha256 of a file's bytes (local or any fsspec URL), read in blocks."""
+    import hashlib
+
+    fs, p = _fs(path)
+    h = hashlib.sha256()
+    with fs.open(p, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def remove_unplanned(folder: str | Path, planned: Iterable[str]) -> list[str]:
+    """Delete ``{split}-NNNNNN.tar`` shards (and ``.json`` sidecars) of a local ``folder``
+    whose shard name is not in ``planned``: what an earlier, larger plan left, which a
+    reader globbing the folder would pick up. Returns the names removed."""
+    import re
+
+    keep = {Path(n).name[: -len(".tar")] if n.endswith(".tar") else Path(n).name for n in planned}
+    gone = []
+    for p in sorted(Path(folder).glob("*-*")):
+        stem, ext = p.name.rsplit(".", 1) if "." in p.name else (p.name, "")
+        if ext in ("tar", "json") and re.fullmatch(r"[a-z]+-\d{6}", stem) and stem not in keep:
+            p.unlink()
+            gone.append(p.name)
+    if gone:
+        log.warning("%s: removed %d shard file(s) no longer planned: %s", folder, len(gone),
+                    ", ".join(gone[:5]) + (" ..." if len(gone) > 5 else ""))
+    return gone
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

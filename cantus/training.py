@@ -111,16 +111,19 @@ class Checkpoints:
 INDEX_FILES = ("manifest.parquet", "index.parquet", "manifest.json")
 
 
-def run_id(head: str, modules: list[str | Path], paths: list[str]) -> str:
-    """What a checkpoint must match to be resumed: ``head`` (params), the code of
-    ``modules``, the names and sizes of the data shards, and the bytes of their
-    folders' index files (ingest's manifest, the token index and manifest), which
-    change with the content even when no shard changes size."""
+def run_id(head: str, module: str, paths: list[str]) -> str:
+    """What a checkpoint must match to be resumed: ``head`` (params), the code the
+    stage's ``module`` imports (``cantus.code_closure``: every project file it
+    reaches, so an edit to the loss or the model starts afresh and an edit to a
+    README does not), the names and sizes of the data shards, and the bytes of
+    their folders' index files (ingest's manifest, the token index and
+    manifest), which change with the content even when no shard changes size."""
     import hashlib
 
+    from cantus.code_closure import code_digest
+
     h = hashlib.sha256(head.encode())
-    for module in modules:
-        h.update(Path(module).read_bytes())
+    h.update(code_digest(module).encode())
     for p in paths:
         h.update(f"{Path(p).name}:{os.path.getsize(p)}".encode())
     for folder in sorted({str(Path(p).parent) for p in paths}):
@@ -183,6 +186,10 @@ class Metrics:
         for k, v in metrics.items():
             self.live.log_metric(k, float(v))
         self.live.next_step()
+
+    def summary(self, **values: float) -> None:
+        """Values for the summary (``metrics.json``) that are no curve: times, counts."""
+        self.live.summary.update({k: float(v) for k, v in values.items()})
 
     def image(self, name: str, path: str | Path) -> None:
         self.live.log_image(name, str(path))

@@ -3,10 +3,12 @@
 ``process_task(record, cfg, staging_dir)`` runs ``process_file`` on one input
 and stores the outcome as ``{staging_dir}/{key}.tar``: the chunks' FLAC bytes,
 their fingerprints and a JSON summary. The key is the file's content hash
-(a downloaded section is its own file); ``staging_dir`` is named by ``processing_hash(cfg)``, the
-params that change per-input results, so changing e.g. the loudness target
-recomputes while changing the split fraction does not. It returns the small
-summary only; audio stays on disk until shards are written.
+(a downloaded section is its own file); ``staging_dir`` is named by
+``processing_hash(cfg)``: the params that change per-input results and the code
+that makes them (this module's imports, ``cantus.code_closure``), so changing
+e.g. the loudness target or the decoder recomputes while changing the split
+fraction or the shard writer does not. It returns the small summary only;
+audio stays on disk until shards are written.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from cantus import audio, shards
+from cantus.code_closure import code_digest
 from cantus.config import config_hash
 from cantus.ingest.params import IngestConfig
 from cantus.ingest.process import process_file
@@ -26,12 +29,11 @@ from cantus.ingest.process import process_file
 _PROCESSING_KEYS = ("sample_rate", "min_sample_rate", "loudness_lufs", "peak_limit",
                     "silence_dbfs", "clip_fraction", "trim_db", "min_seconds", "max_seconds",
                     "chunk_seconds", "hop_seconds", "min_chunk_seconds", "flac_bits")
-_FORMAT_VERSION = 1
 
 
 def processing_hash(cfg: IngestConfig) -> str:
     picked = {k: getattr(cfg, k) for k in _PROCESSING_KEYS}
-    picked["format"] = _FORMAT_VERSION
+    picked["code"] = code_digest("cantus.ingest.staging")  # process_file and what it imports
     return config_hash(picked)
 
 

@@ -1,6 +1,8 @@
-"""The package layout promises of style.md, and the cantus command."""
+"""The package layout (stage folders without __init__.py, no shadowed stdlib), and the cantus
+command."""
 
 import subprocess
+from pathlib import Path
 import sys
 
 from conftest import ROOT
@@ -14,16 +16,20 @@ def test_stdlib_tokenize_not_shadowed_from_repo_root():
 
 
 def test_stage_folders_have_no_init():
-    for d in ("ingest", "tokenize", "train"):
+    for d in ("ingest", "tokenize", "train", "evaluate"):
         assert (ROOT / d).is_dir(), d
         assert not (ROOT / d / "__init__.py").exists(), f"{d}/__init__.py must not exist"
 
 
 def test_stage_modules_import_as_cantus_subpackages():
-    code = "import cantus.ingest.run as r, cantus.config as c; print(r.__file__, c.__file__)"
+    code = "import cantus.ingest.run as r, cantus.config as c; print(r.__file__); print(c.__file__)"
     out = subprocess.run([sys.executable, "-c", code], cwd="/", capture_output=True,
-                         text=True, check=True).stdout
-    assert str(ROOT / "ingest" / "run.py") in out or "site-packages" in out
+                         text=True, check=True).stdout.split()
+    # from outside the repo: this checkout's files (editable install), or a wheel's copies
+    # of exactly them
+    for got, want in zip(out, (ROOT / "ingest" / "run.py", ROOT / "cantus" / "config.py")):
+        assert Path(got).read_bytes() == want.read_bytes(), (got, want)
+        assert Path(got) == want or "site-packages" in got, got
 
 
 def test_cantus_command_lists_and_rejects():

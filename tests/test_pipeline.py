@@ -146,7 +146,7 @@ def test_repro_builds_every_output_and_the_metrics_parse(run_dir):
         assert json.loads((run_dir / name).read_text()), name
     assert {"metrics/codec.json", "metrics/semantic.json", "metrics/mulan.json"} <= set(files)
     lm = json.loads((run_dir / "metrics/lm_fine/metrics.json").read_text())
-    assert lm["step"] == 6 and lm["val_ppl"] > 1
+    assert lm["step"] == 6 and lm["val_ppl"] < 16  # below uniform over the tiny K = 16 codes
     report = json.loads((run_dir / "reports/metrics.json").read_text())
     assert report["generation"]["n_prompts"] == len(list((run_dir / "data/generated")
                                                          .glob("gen-*.wav")))

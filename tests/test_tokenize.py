@@ -120,41 +120,102 @@ def test_a_chunk_the_tokenizer_cannot_handle_is_a_reject(corpus, monkeypatch):
 
 def test_stages_are_split_by_field_so_a_refit_retokenizes_one_field():
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    deps = {f: set(stages[f"tokenize_{f}"]["deps"]) - {"cantus", "tokenize", "data/audio"}
-            for f in ("acoustic", "semantic", "mulan")}
+    deps = {f: {d for d in stages[f"tokenize_{f}"]["deps"] if d.startswith(("data/", "models/"))}
+            - {"data/audio"} for f in ("acoustic", "semantic", "mulan")}
     assert deps["acoustic"] == {"models/codec"}
     assert "models/semantic_kmeans" in deps["semantic"]
     assert not any("semantic" in d or "mulan" in d for d in deps["acoustic"])
 
 
-def test_sigkill_then_rerun_is_byte_identical(corpus):
+# The child tokenizes as `python -m cantus.tokenize.run` does, but pauses after each shard
+# it writes, so the kill below always lands between shards, never after the last one.
+_SLOW_CHILD = """
+import sys, time
+from cantus.tokenize import run
+real = run.ShardTokenizer.run
+def slow(self, decoded, out_path):
+    s = real(self, decoded, out_path)
+    time.sleep(1.0)
+    return s
+run.ShardTokenizer.run = slow
+sys.exit(run.main(sys.argv[1:]))
+"""
+
+
+def test_sigkill_then_rerun_skips_finished_shards_and_is_byte_identical(corpus):
     tmp, audio, models = corpus
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["tokenize"]["executor"] = "local"
     (tmp / "params.yaml").write_text(yaml.safe_dump(params))
+    total = len(list(audio.glob("*.tar")))
+    assert total >= 3
 
-    def cmd(out):
-        return [sys.executable, "-m", "cantus.tokenize.run", "--params", str(tmp / "params.yaml"),
-                "--field", "acoustic", "--audio", str(audio), "--codec", models["codec"],
-                "--out", str(out)]
+    def args(out):
+        return ["--params", str(tmp / "params.yaml"), "--field", "acoustic", "--audio",
+                str(audio), "--codec", models["codec"], "--out", str(out)]
 
-    assert subprocess.run(cmd(tmp / "k_ref"), capture_output=True).returncode == 0
-    proc = subprocess.Popen(cmd(tmp / "k_out"), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    ref = subprocess.run([sys.executable, "-m", "cantus.tokenize.run", *args(tmp / "k_ref")],
+                         capture_output=True, text=True)
+    assert ref.returncode == 0 and "(0 already done)" in ref.stdout, ref.stderr
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_CHILD, *args(tmp / "k_out")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while proc.poll() is None and time.monotonic() < deadline:
         if len(list((tmp / "k_out").glob("*.tar"))) >= 1:
             break
         time.sleep(0.01)
-    killed = proc.poll() is None
-    if killed:
-        os.kill(proc.pid, signal.SIGKILL)
+    assert proc.poll() is None, "the child ended before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    again = subprocess.run(cmd(tmp / "k_out"), capture_output=True, text=True)
+    assert proc.returncode == -signal.SIGKILL
+    finished = len(list((tmp / "k_out").glob("*.tar")))
+    assert 1 <= finished < total and not (tmp / "k_out" / "index.parquet").exists()
+    again = subprocess.run([sys.executable, "-m", "cantus.tokenize.run", *args(tmp / "k_out")],
+                           capture_output=True, text=True)
     assert again.returncode == 0, again.stderr
+    assert f"({finished} already done)" in again.stdout, again.stdout
     assert read_dir_bytes(tmp / "k_out") == read_dir_bytes(tmp / "k_ref")
-    if killed:
-        assert "already done" in again.stdout
+
+
+def test_token_shards_of_changed_or_dropped_audio_are_not_kept(corpus, tmp_path):
+    import shutil
+
+    from cantus import shards
+    from cantus.tokenize import pack
+    from cantus.tokenize import run as tokenize
+
+    tmp, src, models = corpus
+    audio = tmp_path / "audio"
+    shutil.copytree(src, audio)
+    out = tmp_path / "acoustic"
+    first = tokenize.run(_cfg(), "acoustic", audio, {"codec": models["codec"]}, out)
+    assert first["shards_skipped"] == 0
+    names = sorted(p.name for p in audio.glob("*.tar"))
+    # another audio shard under the same name: its tokens must be made again
+    victim, other = audio / names[0], audio / names[1]
+    shutil.copy(other, victim)
+    again = tokenize.run(_cfg(), "acoustic", audio, {"codec": models["codec"]}, out)
+    assert again["shards_skipped"] == len(names) - 1
+    assert json.loads((out / names[0]).with_suffix(".json").read_text())["input_sha256"] == \
+        shards.sha256(victim)
+    assert (out / names[0]).read_bytes() == (out / names[1]).read_bytes()
+    # a plan with one shard fewer: its token shard and sidecar go
+    victim.unlink()
+    tokenize.run(_cfg(), "acoustic", audio, {"codec": models["codec"]}, out)
+    assert not (out / names[0]).exists() and not (out / names[0]).with_suffix(".json").exists()
+    # pack refuses tokens made from other audio, and removes packs the plan no longer has
+    folders = {}
+    for field, args in FIELD_ARGS.items():
+        folders[field] = tmp_path / f"tok_{field}"
+        tokenize.run(_cfg(), field, audio, {n: models[n] for n in args}, folders[field])
+    (tmp_path / "packed").mkdir()
+    stale = tmp_path / "packed" / "train-999999.tar"
+    stale.write_bytes(b"old")
+    pack.run(audio, folders, tmp_path / "packed")
+    assert not stale.exists()
+    shutil.copy(audio / names[2], audio / names[1])
+    with pytest.raises(ValueError, match="tokens of other audio than the audio shard"):
+        pack.run(audio, folders, tmp_path / "packed")
 
 
 @pytest.mark.ray

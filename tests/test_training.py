@@ -1,8 +1,10 @@
 """Shared trainer pieces: checkpoints round-trip, RNG state restores the same draws."""
 
+import pickle
 import random
 
 import numpy as np
+import pytest
 import torch
 
 from cantus.training import Checkpoints, load_weights, rng_state, save_weights, set_rng_state
@@ -15,6 +17,10 @@ def test_rng_state_restores_every_generator():
     set_rng_state(state)
     b = (random.random(), np.random.rand(), torch.rand(2))
     assert a[0] == b[0] and a[1] == b[1] and torch.equal(a[2], b[2])
+
+
+class _Payload:
+    """Not a tensor, a container or a number: only full unpickling could rebuild it."""
 
 
 def test_checkpoints_keep_last_k_and_load_without_unpickling(tmp_path):
@@ -35,6 +41,10 @@ def test_checkpoints_keep_last_k_and_load_without_unpickling(tmp_path):
     opt2 = torch.optim.AdamW(fresh.parameters(), lr=1e-3)
     opt2.load_state_dict(state["opt"])
     set_rng_state(state["rng"])
+    # a newer checkpoint holding an arbitrary object: refused, never unpickled
+    torch.save({"step": 40, "payload": _Payload()}, ck.folder / "step-00000040.pt")
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        ck.latest()
 
 
 def test_weights_round_trip_through_safetensors(tmp_path):
@@ -52,8 +62,12 @@ def test_run_id_changes_with_the_data_even_when_no_shard_changes_size(tmp_path):
     shard = tmp_path / "train-000000.tar"
     shard.write_bytes(b"x" * 1024)
     (tmp_path / "manifest.parquet").write_bytes(b"captions v1")
-    a = run_id("params", [], [str(shard)])
-    assert run_id("params", [], [str(shard)]) == a
+    code = "cantus.tokenize.train_codec"
+    a = run_id("params", code, [str(shard)])
+    assert run_id("params", code, [str(shard)]) == a
     (tmp_path / "manifest.parquet").write_bytes(b"captions v2")   # same shard size
-    assert run_id("params", [], [str(shard)]) != a
-    assert run_id("other params", [], [str(shard)]) != run_id("params", [], [str(shard)])
+    assert run_id("params", code, [str(shard)]) != a
+    assert run_id("other params", code, [str(shard)]) != run_id("params", code, [str(shard)])
+    # another stage's code (the w2v-BERT trainer) on the same params and data
+    assert run_id("params", "cantus.tokenize.semantic_pretrain", [str(shard)]) != \
+        run_id("params", code, [str(shard)])

@@ -161,10 +161,7 @@ def _distributed() -> tuple[int, int]:
 
 def run_id(cfg: MulanConfig, paths: list[str]) -> str:
     """What a checkpoint must match to be resumed: params, this code, the shards."""
-    here = Path(__file__).parent
-    return training_run_id(config_hash(cfg), [here / m for m in
-                                              ("mulan_model.py", "mulan_params.py",
-                                               "mulan_train.py")], paths)
+    return training_run_id(config_hash(cfg), "cantus.tokenize.mulan_train", paths)
 
 
 def train_step(model: torch.nn.Module, opt, sched, batch: dict, texts: list[str],
@@ -214,7 +211,7 @@ def run(cfg: MulanConfig, inputs: Inputs, out: str | Path, device: str = "cpu",
         step = int(state["step"])
     metrics = Metrics(inputs.live, resume=step > 0) if inputs.live and rank == 0 else None
     model.train()
-    loss = float("nan")
+    loss = float(state.get("last_loss", float("nan"))) if state is not None else float("nan")
     bar = progress(t.steps, initial=step, desc="mulan") if rank == 0 else None
     batches = iter(data)
     while step < t.steps and (stop_after is None or step < stop_after):
@@ -232,7 +229,7 @@ def run(cfg: MulanConfig, inputs: Inputs, out: str | Path, device: str = "cpu",
                 metrics.log(step, loss=loss, temperature=temp, lr=sched.get_last_lr()[0])
         if rank == 0 and (step % t.checkpoint_every == 0 or step == t.steps):
             ckpts.save(step, {**{k: v.state_dict() for k, v in parts.items()},
-                              "rng": rng_state(), "run_id": want})
+                              "rng": rng_state(), "run_id": want, "last_loss": loss})
     if bar is not None:
         bar.close()
     if metrics is not None:

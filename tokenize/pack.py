@@ -8,6 +8,10 @@ token folders of the three fields (``cantus.tokenize.run``). Comes out, in
 token lengths), ``rejects.parquet`` (chunks missing a field, with the reason)
 and ``manifest.json`` naming all three tokenizers.
 
+Each field's token shard must have been made from this very audio shard (its
+sidecar's ``input_sha256``), or pack refuses it; shards in ``--out`` that the
+audio folder no longer has are removed.
+
 Acoustic tokens run at 50 Hz and semantic at 25 Hz; the two are trimmed to
 ``Ta = 2 Ts`` so every crop aligns across rates.
 
@@ -33,10 +37,16 @@ log = logging.getLogger(__name__)
 _META_KEYS = ("caption", "tags", "source", "offset_s", "duration_s", "split", "licence")
 
 
-def _field_tokens(folder: Path, shard: str, field: str) -> dict[str, Any]:
+def _field_tokens(folder: Path, shard: str, field: str, audio_sha256: str) -> dict[str, Any]:
     path = folder / shard
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing {field} token shard (run the tokenize stage)")
+    sidecar = path.with_suffix(".json")
+    made_from = json.loads(sidecar.read_text()).get("input_sha256") if sidecar.is_file() else None
+    if made_from != audio_sha256:
+        raise ValueError(f"{path}: {field} tokens of other audio than the audio shard {shard} "
+                         f"(sha256 {str(made_from)[:12]}, the shard is {audio_sha256[:12]}): "
+                         "run the tokenize stage again")
     return {k: item[field] for k, item in iter_token_samples(path)}
 
 
@@ -49,7 +59,8 @@ def align(acoustic, semantic):
 
 def pack_shard(audio_path: Path, folders: dict[str, Path], out: Path) -> dict[str, Any]:
     name = audio_path.name
-    tokens = {f: _field_tokens(folders[f], name, f) for f in FIELDS}
+    digest = shards.sha256(audio_path)
+    tokens = {f: _field_tokens(folders[f], name, f, digest) for f in FIELDS}
     samples, rows, rejects = [], [], []
     for key, fields in shards.iter_samples(audio_path, fields=("json",)):
         meta = json.loads(fields["json"])
@@ -79,6 +90,7 @@ def run(audio_dir: str | Path, folders: dict[str, str | Path], out: str | Path) 
     tokenizers = {f: json.loads((folders[f] / "manifest.json").read_text())["tokenizer"]
                   for f in FIELDS}
     paths = sorted(audio_dir.glob("train-*.tar")) + sorted(audio_dir.glob("valid-*.tar"))
+    shards.remove_unplanned(out, [p.name for p in paths])  # a glob must not find old shards
     rows, rejects = [], []
     for p in paths:
         got = pack_shard(p, folders, out)

@@ -15,8 +15,11 @@ Ray: each audio shard is decoded and resampled by a CPU task, and tokenized
 by a model actor (loaded once per actor; ``num_gpus`` per actor from params),
 with at most ``max_in_flight`` shards outstanding so memory stays bounded.
 A shard's output depends only on that shard and the model and is written
-atomically, so a killed run resumes by skipping finished shards; an actor
-whose process dies is restarted and its task retried.
+atomically, so a killed run resumes by skipping finished shards. A finished
+shard is kept only if its sidecar names the sha256 of the audio shard it is
+for now (a changed input is tokenized again), and shards of audio shards no
+longer planned are removed. An actor whose process dies is restarted and its
+task retried.
 """
 
 from __future__ import annotations
@@ -77,7 +80,8 @@ def decode_shard(path: str, sample_rate: int) -> dict[str, Any]:
             keys.append(key)
         except Exception as e:  # a damaged sample must not stop the shard
             rejects.append({"key": key, "reason": "decode_error", "detail": f"{path}: {e}"})
-    return {"path": path, "keys": keys, "wavs": wavs, "rejects": rejects}
+    return {"path": path, "keys": keys, "wavs": wavs, "rejects": rejects,
+            "input_sha256": shards.sha256(path)}
 
 
 def warm_decoder() -> None:
@@ -118,7 +122,8 @@ class ShardTokenizer:
             keys.append(key)
             tokens.append(t)
         summary = {"shard": Path(out_path).name, "keys": keys,
-                   "lengths": [int(t.shape[-1]) for t in tokens], "rejects": rejects}
+                   "lengths": [int(t.shape[-1]) for t in tokens], "rejects": rejects,
+                   "input_sha256": decoded["input_sha256"]}  # the audio shard it was made from
         # The sidecar first: a shard that exists always has its sidecar.
         shards.atomic_write_json(_sidecar(out_path), summary)
         shards.write_shard(out_path, [(k, {f"{self.field}.npy": npy_bytes(t)})
@@ -142,12 +147,17 @@ def _sidecar(out_path: str) -> str:
     return out_path[: -len(".tar")] + ".json"
 
 
-def _done(out_path: str) -> dict[str, Any] | None:
-
-    if shards.exists(out_path) and shards.exists(_sidecar(out_path)):
-        with open(_sidecar(out_path)) as f:
-            return json.load(f)
-    return None
+def _done(out_path: str, audio_path: str) -> dict[str, Any] | None:
+    """The sidecar of a finished token shard made from this very audio shard, else None."""
+    if not (shards.exists(out_path) and shards.exists(_sidecar(out_path))):
+        return None
+    with open(_sidecar(out_path)) as f:
+        summary = json.load(f)
+    if summary.get("input_sha256") != shards.sha256(audio_path):
+        log.warning("%s was made from other audio than %s: tokenizing it again", out_path,
+                    audio_path)
+        return None
+    return summary
 
 
 def _prepare_out(out: Path, description: dict[str, Any]) -> None:
@@ -242,10 +252,11 @@ def run(cfg: TokenizeConfig, field: str, audio_dir: str | Path, models: dict[str
         pool = ActorPool(field, models, cfg)
         description, rate = pool.description, pool.sample_rate
     _prepare_out(out, description)
+    shards.remove_unplanned(out, [Path(p).name for p in paths])
     summaries, jobs = {}, []
     for p in paths:
         target = str(out / Path(p).name)
-        if (done := _done(target)) is not None:
+        if (done := _done(target, p)) is not None:
             summaries[Path(p).name] = done
         else:
             jobs.append((p, target))

@@ -170,7 +170,7 @@ def pretrain(cfg: sm.SemanticModelConfig, train_shards: list[str], out: Path,
     rate = load_all(train_shards[:1], limit=1)[0][1]["sample_rate"]
     data = AudioBatches(train_shards, crop_seconds=p.crop_seconds, sample_rate=rate,
                         batch_size=p.batch_size, seed=p.seed, num_workers=p.num_workers)
-    ckpts, step = training.Checkpoints(checkpoints, p.keep_checkpoints), 0
+    ckpts, step, last = training.Checkpoints(checkpoints, p.keep_checkpoints), 0, {}
     if (state := ckpts.latest()) is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
@@ -178,9 +178,10 @@ def pretrain(cfg: sm.SemanticModelConfig, train_shards: list[str], out: Path,
         data.load_state_dict(state["data"])
         training.set_rng_state(state["rng"])
         step = int(state["step"])
+        last = dict(state.get("last", {}))  # a resumed finished run reports the same losses
     front = sm.FeatureExtractor(model.backbone)
     live = training.Metrics(metrics, resume=step > 0) if metrics else None
-    bar, last = training.progress(p.steps, step, "w2v-BERT"), {}
+    bar = training.progress(p.steps, step, "w2v-BERT")
     model.train()
     batches = iter(data)
     while step < p.steps and (stop_after is None or step < stop_after):
@@ -202,7 +203,7 @@ def pretrain(cfg: sm.SemanticModelConfig, train_shards: list[str], out: Path,
         if step % p.checkpoint_every == 0 or step == p.steps:
             ckpts.save(step, {"model": model.state_dict(), "optimizer": opt.state_dict(),
                               "scheduler": sched.state_dict(), "data": data.state_dict(),
-                              "rng": training.rng_state()})
+                              "rng": training.rng_state(), "last": last})
     bar.close()
     if live:
         live.close()
@@ -237,9 +238,16 @@ def run(cfg: sm.SemanticModelConfig, shards_dir: str | Path, out: str | Path,
                    "hash": sm.checkpoint_hash(ck), "params": to_dict(cfg)}
         shards.atomic_write_json(out / "manifest.json", summary)
         return summary
-    # Checkpoints of other settings are never resumed: each config has its own folder.
-    return pretrain(cfg, shard_paths(shards_dir, "train"), out,
-                    Path(checkpoints) / config_hash(cfg), Path(metrics) if metrics else None)
+    # Checkpoints are resumed only by a run of the same params, code and shards: each run
+    # id (cantus.training.run_id) has its own folder.
+    paths = shard_paths(shards_dir, "train")
+    return pretrain(cfg, paths, out, Path(checkpoints) / run_id(cfg, paths),
+                    Path(metrics) if metrics else None)
+
+
+def run_id(cfg: sm.SemanticModelConfig, paths: list[str]) -> str:
+    """The checkpoint folder's name: params, this trainer's code (its imports) and the shards."""
+    return training.run_id(config_hash(cfg), "cantus.tokenize.semantic_pretrain", paths)
 
 
 def model_dir(out: str | Path) -> Path:

@@ -5,7 +5,8 @@ training, the first ``valid-*.tar`` chunks for reconstruction samples) and the
 ``codec`` section of params.yaml. Comes out:
 
 - ``--out``: ``model.safetensors`` + ``config.json`` (load with
-  ``SoundStream.load(out)``) and ``train.json`` (steps, final losses, time);
+  ``SoundStream.load(out)``) and ``train.json`` (steps, run id, final losses;
+  the time goes to the uncached ``--live`` summary);
 - ``--work``: ``checkpoints/step-NNNNNNNN.pt`` (models, optimisers, schedulers,
   step, RNG states, data position) and ``samples/`` (wav + spectrogram PNG of
   fixed validation chunks); a killed run started again resumes from the last
@@ -35,7 +36,7 @@ from cantus.config import ConfigError, config_hash, load_section
 from cantus.shards import atomic_write_json
 from cantus.tokenize import codec_losses as L
 from cantus.tokenize.codec_model import CodecConfig, SoundStream
-from cantus.training import Checkpoints, Metrics, progress, rng_state, set_rng_state
+from cantus.training import Checkpoints, Metrics, progress, rng_state, run_id, set_rng_state
 
 log = logging.getLogger(__name__)
 
@@ -181,8 +182,9 @@ def _resume(ckpts: Checkpoints, trainer: Trainer, batches: AudioBatches,
     state = ckpts.latest()
     if state is None:
         return 0, {}
-    if state.get("config_hash") != digest:
-        log.warning("checkpoints in %s are from another config: starting afresh", ckpts.folder)
+    if state.get("run_id") != digest:
+        log.warning("checkpoints in %s are from other params, code or data: starting afresh",
+                    ckpts.folder)
         for s in ckpts.steps():
             (ckpts.folder / f"step-{s:08d}.pt").unlink()
         return 0, {}
@@ -236,7 +238,9 @@ def run(cfg: CodecParams, shards: str | Path, out: str | Path, work: str | Path,
                            sample_rate=cfg.model.sample_rate, batch_size=t.batch_size,
                            seed=t.seed, num_workers=t.num_workers,
                            shuffle_buffer=t.shuffle_buffer)
-    ckpts, digest = Checkpoints(work / "checkpoints", t.keep_checkpoints), config_hash(cfg)
+    # resumed only by a run of the same params, code (the trainer's imports) and shards
+    digest = run_id(config_hash(cfg), "cantus.tokenize.train_codec", shard_paths(shards, "train"))
+    ckpts = Checkpoints(work / "checkpoints", t.keep_checkpoints)
     start, last = _resume(ckpts, trainer, batches, digest)
     metrics = Metrics(live or work / "live", resume=start > 0)
     clips = _clips(shards, t, cfg.model.sample_rate)
@@ -257,16 +261,18 @@ def run(cfg: CodecParams, shards: str | Path, out: str | Path, work: str | Path,
             write_samples(trainer.model, clips, work / "samples" / f"step-{done:08d}", metrics)
         if done % t.checkpoint_every == 0 or done == end:
             ckpts.save(done, {"trainer": trainer.state_dict(), "data": batches.state_dict(),
-                              "rng": rng_state(), "config_hash": digest, "last": last})
+                              "rng": rng_state(), "run_id": digest, "last": last})
     bar.close()
-    summary = {"steps": end, "resumed_from": start, "seconds": round(time.time() - began, 1),
-               "config_hash": digest, "final": last, "finished": end == t.steps}
+    seconds = round(time.time() - began, 1)
+    # train.json is a cached output: only what the inputs decide (no times, no resume point)
+    summary = {"steps": end, "run_id": digest, "final": last, "finished": end == t.steps}
     if end == t.steps:
         write_samples(trainer.model, clips, work / "samples" / "final", metrics)
         summary["sha256"] = trainer.model.save(out)
         atomic_write_json(out / "train.json", summary)
+    metrics.summary(seconds=seconds, resumed_from=start)  # uncached metrics.json
     metrics.close()
-    return summary
+    return {**summary, "resumed_from": start, "seconds": seconds}
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -183,10 +183,8 @@ def unigram_nll(layout: Layout, train: list[dict], valid: list[dict]) -> float:
 
 def run_id(stage: str, cfg: StageConfig, tokens: TokensConfig, paths: list[str]) -> str:
     """What a checkpoint must match to be resumed: params, this code, the shards."""
-    here = Path(__file__).parent
-    return training_run_id(f"{stage}:{config_hash(cfg)}:{config_hash(tokens)}",
-                           [here / m for m in ("model.py", "layout.py", "data.py", "run.py",
-                                               "stage.py")], paths)
+    head = f"{stage}:{config_hash(cfg)}:{config_hash(tokens)}"
+    return training_run_id(head, "cantus.train.run", paths)
 
 
 def expected_tokenizers(tokens: TokensConfig, extra: dict | None = None) -> dict[str, dict]:
@@ -280,6 +278,8 @@ def run(cfg: LMConfig, stage: str, inputs: Inputs, out: str | Path | None,
                               "data": data.state_dict(), "rng": rng_state(), "run_id": want})
     if bar is not None:
         bar.close()
+    if val != val and step >= t.steps:  # resumed a finished run: score the weights it holds
+        val = evaluate(core, layout, valid, dev, t.bf16)
     seconds = time.perf_counter() - started
     summary = {"stage": stage, "steps": step, "losses": losses, "val_loss": val,
                "val_ppl": math.exp(val) if val == val else val,
@@ -288,11 +288,12 @@ def run(cfg: LMConfig, stage: str, inputs: Inputs, out: str | Path | None,
     if step >= t.steps and out is not None and rank == 0:
         # the tokenizers the stage was trained on, so a generator can refuse others
         tokenizers = read_manifest(inputs.tokens).get("tokenizers", {})
+        # config.json is cached: no times or throughput in it (they go to metrics.json)
+        kept = {k: v for k, v in summary.items() if k not in ("losses", "seconds", "tokens_per_s")}
         summary["sha256"] = save_stage(core, layout, cfg.tokens, out,
-                                       extra={"summary": {k: v for k, v in summary.items()
-                                                          if k != "losses"},
-                                              "tokenizers": tokenizers})
+                                       extra={"summary": kept, "tokenizers": tokenizers})
     if metrics is not None:
+        metrics.summary(seconds=seconds, tokens_per_s=summary["tokens_per_s"])
         metrics.close()
     return summary
 

@@ -1,0 +1,68 @@
+"""dvc.yaml's stages and the project files each one's command imports.
+
+A stage's code deps must be exactly the files its command imports, at any depth
+and inside functions too (``cantus.code_closure``), so an edit re-runs only the
+stages it can change. ``tests/test_dvc_graph.py`` compares this against
+dvc.yaml; run this file to print each stage's closure (what its ``deps`` list):
+
+    python tests/import_closure.py
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import yaml
+
+from cantus.code_closure import closure
+
+ROOT = Path(__file__).resolve().parents[1]
+CODE_DIRS = ("cantus", "ingest", "tokenize", "train", "evaluate")
+
+
+def stages() -> dict[str, dict]:
+    """dvc.yaml's stages with ``foreach`` expanded (``train@semantic``, ...)."""
+    raw = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    out = {}
+    for name, st in raw.items():
+        if "foreach" in st:
+            for item in st["foreach"]:
+                text = yaml.safe_dump(st["do"]).replace("${item}", str(item))
+                out[f"{name}@{item}"] = yaml.safe_load(text)
+        else:
+            out[name] = st
+    return out
+
+
+def stage_module(stage: dict) -> str:
+    m = re.search(r"python -m (cantus[\w.]*)", " ".join(str(stage["cmd"]).split()))
+    if not m:
+        raise ValueError(f"stage command runs no cantus module: {stage['cmd']}")
+    return m.group(1)
+
+
+def imported(stage: dict) -> set[Path]:
+    return {p.resolve() for p in closure(stage_module(stage))}
+
+
+def declared_code(stage: dict) -> set[Path]:
+    """The project .py files covered by a stage's deps (a folder covers every file in it)."""
+    files: set[Path] = set()
+    for dep in stage.get("deps", []):
+        p = ROOT / dep
+        if not str(dep).startswith(CODE_DIRS) or not p.exists():
+            continue
+        files.update(p.rglob("*.py") if p.is_dir() else [p])
+    return {f.resolve() for f in files if "__pycache__" not in f.parts}
+
+
+def rel(paths) -> list[str]:
+    return sorted(str(p.relative_to(ROOT.resolve())) for p in paths)
+
+
+if __name__ == "__main__":
+    for name, st in stages().items():
+        print(f"{name}:")
+        for f in rel(imported(st)):
+            print(f"  - {f}")

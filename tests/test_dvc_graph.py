@@ -1,0 +1,49 @@
+"""dvc.yaml's code deps are exactly what each stage's command imports (``import_closure``)."""
+
+import import_closure as ic
+import pytest
+
+from cantus.code_closure import closure
+
+STAGES = ic.stages()
+
+
+@pytest.mark.parametrize("name", sorted(STAGES))
+def test_code_deps_are_the_import_closure(name):
+    stage = STAGES[name]
+    imported, declared = ic.imported(stage), ic.declared_code(stage)
+    assert ic.rel(imported - declared) == [], f"{name}: imported but not a dep"
+    assert ic.rel(declared - imported) == [], f"{name}: a dep the stage never imports"
+
+
+@pytest.mark.parametrize("name", sorted(STAGES))
+def test_docs_tests_and_benches_are_no_deps(name):
+    for dep in STAGES[name].get("deps", []):
+        dep = str(dep)
+        assert not dep.startswith(("tests", "bench", ".ci")) and not dep.endswith(".md"), dep
+        if dep.startswith(ic.CODE_DIRS):
+            assert dep.endswith(".py"), f"{name}: code dep {dep} is a folder (it holds READMEs)"
+
+
+def test_closure_follows_imports_inside_functions_and_relative_ones():
+    gen = ic.rel(closure("cantus.train.generate"))
+    assert "tokenize/codec_model.py" in gen      # imported inside a method
+    assert "train/sample.py" in gen              # `from .sample import ...`
+    assert "ingest/run.py" not in gen
+
+
+def test_code_digest_follows_the_closure_and_nothing_else(monkeypatch):
+    from pathlib import Path
+
+    from cantus.code_closure import code_digest
+
+    before = code_digest("cantus.tokenize.train_codec")
+    real = Path.read_bytes
+
+    def edited(name):
+        return lambda self: real(self) + (b"# edit" if self.name == name else b"")
+
+    monkeypatch.setattr(Path, "read_bytes", edited("codec_losses.py"))  # the loss, imported
+    assert code_digest("cantus.tokenize.train_codec") != before
+    monkeypatch.setattr(Path, "read_bytes", edited("sample.py"))  # generation's sampling
+    assert code_digest("cantus.tokenize.train_codec") == before
