@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from cantus.tokenize.codec_model import CodecConfig, SoundStream
+from cantus.tokenize.codec.model import CodecConfig, SoundStream
 
 ENCODEC = {"encode": 9.8, "decode": 10.4}
 
@@ -48,7 +48,7 @@ def best_time(fn, rounds: int) -> float:
 
 
 def cpu_rtf(model: SoundStream, seconds: float, rounds: int) -> dict[str, float]:
-    """encode/decode (the time-major CPU path, tokenize/codec_cpu.py) and, for
+    """encode/decode (the time-major CPU path, tokenize/codec/cpu.py) and, for
     comparison, the same through the modules' channels-first forward."""
     wav = torch.randn(1, int(seconds * model.cfg.sample_rate)) * 0.1
     codes = model.encode(wav)

@@ -28,8 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _model(path: str | None):
     from cantus.config import load_section
-    from cantus.tokenize.mulan_model import build_mulan, load_mulan
-    from cantus.tokenize.mulan_params import MulanConfig
+    from cantus.tokenize.mulan.model import build_mulan, load_mulan
+    from cantus.tokenize.mulan.params import MulanConfig
 
     if path:
         return load_mulan(path)

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from cantus.audio_stream import shard_paths
-from cantus.tokenize import semantic_kmeans as sk
-from cantus.tokenize import semantic_model as sm
+from cantus.tokenize.semantic import kmeans as sk
+from cantus.tokenize.semantic import model as sm
 
 
 def throughput(clips: list[np.ndarray], threads: int, batch: int = 4) -> float:

@@ -19,7 +19,7 @@ pipeline's start-up (actor processes importing torch and transformers, then
 loading their model: ~3-10 s per field, paid once per stage however large the
 corpus) are printed apart, and the ratios are also given with them included.
 The four runs alternate for ``--repeat`` rounds and each figure is its best,
-so the machine's drift hits them alike. Run ``dvc repro pack_tokens`` first so
+so the machine's drift hits them alike. Run ``dvc repro tokenize_pack`` first so
 the models exist.
 
     python bench/tokenize_stage.py [--chunks 48] [--repeat 3]
@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     missing = [m for m in MODELS.values() if not (ROOT / m).is_dir()]
     if missing:
-        print(f"missing models {missing}: run `dvc repro pack_tokens` first", file=sys.stderr)
+        print(f"missing models {missing}: run `dvc repro tokenize_pack` first", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory(prefix="cantus-bench-tok-") as tmp:
         work = Path(tmp)

@@ -16,7 +16,7 @@ import sys
 COMMANDS = {
     "demo": ("cantus.ingest.demo", "render the demo corpus from music21 scores"),
     "ingest": ("cantus.ingest.run", "decode, clean, chunk and shard audio sources"),
-    "generate": ("cantus.train.generate", "text or an audio prompt -> music (WAV)"),
+    "generate": ("cantus.generate.run", "text or an audio prompt -> music (WAV)"),
     "evaluate": ("cantus.evaluate.run", "score generations, gather metrics, write the report"),
 }
 

@@ -10,7 +10,7 @@ module finds that code, so that
   that made a checkpoint or a cached item: an edit there starts afresh, an
   edit elsewhere (a README, a test, another stage) does not.
 
-    python -m cantus.code_closure cantus.tokenize.train_codec   # its files, one a line
+    python -m cantus.code_closure cantus.tokenize.codec.train   # its files, one a line
 """
 
 from __future__ import annotations
@@ -75,7 +75,8 @@ def _package_of(path: Path) -> str | None:
 @lru_cache(maxsize=None)
 def _known_packages() -> tuple[str, ...]:
     """``cantus``, its stage packages (mapped from the repo root) and the folders below them."""
-    names = [TOP] + [f"{TOP}.{s}" for s in ("ingest", "tokenize", "train", "evaluate")]
+    names = [TOP] + [f"{TOP}.{s}" for s in ("ingest", "tokenize", "train", "generate",
+                                            "evaluate")]
     todo = list(names)
     while todo:
         pkg = todo.pop()

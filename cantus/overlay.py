@@ -37,14 +37,14 @@ from cantus.config import ConfigError, from_dict, read_params
 SECTIONS: dict[str, str] = {
     "demo": "cantus.ingest.params:DemoConfig",
     "ingest": "cantus.ingest.params:IngestConfig",
-    "mulan": "cantus.tokenize.mulan_params:MulanConfig",
-    "semantic_model": "cantus.tokenize.semantic_model:SemanticModelConfig",
-    "semantic_kmeans": "cantus.tokenize.semantic_kmeans:KMeansConfig",
-    "codec": "cantus.tokenize.train_codec:CodecParams",
-    "codec_eval": "cantus.tokenize.eval_codec:EvalConfig",
+    "mulan": "cantus.tokenize.mulan.params:MulanConfig",
+    "semantic_model": "cantus.tokenize.semantic.model:SemanticModelConfig",
+    "semantic_kmeans": "cantus.tokenize.semantic.kmeans:KMeansConfig",
+    "codec": "cantus.tokenize.codec.train:CodecParams",
+    "codec_eval": "cantus.tokenize.codec.evaluate:EvalConfig",
     "lm": "cantus.train.stage:LMConfig",
     "tokenize": "cantus.tokenize.run:TokenizeConfig",
-    "generate": "cantus.train.generate:GenerateConfig",
+    "generate": "cantus.generate.run:GenerateConfig",
     "evaluate": "cantus.evaluate.params:EvaluateConfig",
 }
 

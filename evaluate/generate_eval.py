@@ -30,7 +30,7 @@ from typing import Any
 from cantus.audio_stream import load_all, shard_paths
 from cantus.config import load_section
 from cantus.shards import atomic_write_json
-from cantus.train.generate import GenerateConfig, Generator, model_paths, write_wavs
+from cantus.generate.run import GenerateConfig, Generator, model_paths, write_wavs
 from cantus.training import resolve_device
 
 from .params import EvaluateConfig

@@ -180,7 +180,7 @@ def codec_resynthesis(codec_dir: Path, clips: dict[str, np.ndarray], rate: int
     """Each clip encoded and decoded by the trained codec (all levels); {} without a codec."""
     if not (codec_dir / "model.safetensors").is_file():
         return {}
-    from cantus.tokenize.codec_model import SoundStream
+    from cantus.tokenize.codec.model import SoundStream
 
     codec = SoundStream.load(codec_dir)
     if codec.cfg.sample_rate != rate:
@@ -255,7 +255,7 @@ def load_generated(folder: str | Path) -> tuple[dict[str, Any], list[np.ndarray]
 def run(cfg: EvaluateConfig, tag_prompts: dict[str, str], generated: str | Path,
         audio_dir: str | Path, models: str | Path, metrics_dir: str | Path,
         out: str | Path) -> dict[str, Any]:
-    from cantus.tokenize.mulan_model import load_mulan
+    from cantus.tokenize.mulan.model import load_mulan
 
     info, gen = load_generated(generated)
     rate = info["sample_rate"]
@@ -308,7 +308,7 @@ def run(cfg: EvaluateConfig, tag_prompts: dict[str, str], generated: str | Path,
 
 
 def main(argv: list[str] | None = None) -> int:
-    from cantus.tokenize.mulan_params import MulanConfig
+    from cantus.tokenize.mulan.params import MulanConfig
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--params", default="params.yaml")

@@ -85,12 +85,12 @@ def tiny_tokenizer_models(tmp: Path, audio_dir: Path, codec_cfg=None) -> dict[st
 
     import torch
 
-    from cantus.tokenize import semantic_kmeans as sk
-    from cantus.tokenize import semantic_model as sm
-    from cantus.tokenize.codec_model import CodecConfig, SoundStream
-    from cantus.tokenize.mulan_model import build_mulan
-    from cantus.tokenize.mulan_params import MulanModelConfig
-    from cantus.tokenize.mulan_rvq import ResidualKMeans, fit_embeddings
+    from cantus.tokenize.semantic import kmeans as sk
+    from cantus.tokenize.semantic import model as sm
+    from cantus.tokenize.codec.model import CodecConfig, SoundStream
+    from cantus.tokenize.mulan.model import build_mulan
+    from cantus.tokenize.mulan.params import MulanModelConfig
+    from cantus.tokenize.mulan.rvq import ResidualKMeans, fit_embeddings
     from cantus.audio_stream import load_all, shard_paths
     from cantus.training import save_weights
 

@@ -18,11 +18,11 @@ import yaml
 from cantus.code_closure import closure
 
 ROOT = Path(__file__).resolve().parents[1]
-CODE_DIRS = ("cantus", "ingest", "tokenize", "train", "evaluate")
+CODE_DIRS = ("cantus", "ingest", "tokenize", "train", "generate", "evaluate")
 
 
 def stages() -> dict[str, dict]:
-    """dvc.yaml's stages with ``foreach`` expanded (``train@semantic``, ...)."""
+    """dvc.yaml's stages with ``foreach`` expanded (``lm_train@semantic``, ...)."""
     raw = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     out = {}
     for name, st in raw.items():

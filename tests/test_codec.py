@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from cantus.config import ConfigError, from_dict, load_section
-from cantus.tokenize import eval_codec, train_codec
-from cantus.tokenize.codec_losses import DiscConfig
-from cantus.tokenize.codec_model import CodecConfig, SoundStream
-from cantus.tokenize.rvq import ResidualVQ
+from cantus.tokenize.codec import evaluate as eval_codec
+from cantus.tokenize.codec import train as train_codec
+from cantus.tokenize.codec.losses import DiscConfig
+from cantus.tokenize.codec.model import CodecConfig, SoundStream
+from cantus.tokenize.codec.rvq import ResidualVQ
 from conftest import ROOT, audio_shards, melody
 
 torch.set_num_threads(1)
@@ -52,7 +53,7 @@ def test_shapes_strides_and_causality():
 @pytest.mark.parametrize("size", ["tiny", "demo"])
 def test_cpu_inference_path_equals_the_modules(size):
     """codec_cpu's time-major encoder/decoder give the modules' forward to float rounding."""
-    from cantus.tokenize import codec_cpu
+    from cantus.tokenize.codec import cpu as codec_cpu
 
     torch.manual_seed(3)
     cfg = getattr(CodecConfig, size)()
@@ -81,7 +82,7 @@ def test_cpu_inference_path_equals_the_modules(size):
 
 _REUSE_PROBE = """
 import resource, sys
-from cantus.tokenize import cpu_native
+from cantus.tokenize.codec import native as cpu_native
 if sys.argv[1] != "default":
     cpu_native.keep_freed_memory(every_size=sys.argv[1] == "every")
 faults = []
@@ -113,7 +114,7 @@ def test_keep_freed_memory_reuses_blocks_above_the_mmap_limit():
 def test_native_elu_matches_torch(monkeypatch):
     import shutil
 
-    from cantus.tokenize import cpu_native
+    from cantus.tokenize.codec import native as cpu_native
 
     x = torch.cat([torch.linspace(-100, 20, 200_001), torch.tensor([0.0, -0.0, 1e-30, -1e-30]),
                    3 * torch.randn(10_000)])

@@ -26,9 +26,9 @@ def test_docs_tests_and_benches_are_no_deps(name):
 
 
 def test_closure_follows_imports_inside_functions_and_relative_ones():
-    gen = ic.rel(closure("cantus.train.generate"))
-    assert "tokenize/codec_model.py" in gen      # imported inside a method
-    assert "train/sample.py" in gen              # `from .sample import ...`
+    gen = ic.rel(closure("cantus.generate.run"))
+    assert "tokenize/codec/model.py" in gen      # imported inside a method
+    assert "generate/sample.py" in gen              # `from .sample import ...`
     assert "ingest/run.py" not in gen
 
 
@@ -37,13 +37,13 @@ def test_code_digest_follows_the_closure_and_nothing_else(monkeypatch):
 
     from cantus.code_closure import code_digest
 
-    before = code_digest("cantus.tokenize.train_codec")
+    before = code_digest("cantus.tokenize.codec.train")
     real = Path.read_bytes
 
     def edited(name):
         return lambda self: real(self) + (b"# edit" if self.name == name else b"")
 
-    monkeypatch.setattr(Path, "read_bytes", edited("codec_losses.py"))  # the loss, imported
-    assert code_digest("cantus.tokenize.train_codec") != before
+    monkeypatch.setattr(Path, "read_bytes", edited("losses.py"))  # the loss, imported
+    assert code_digest("cantus.tokenize.codec.train") != before
     monkeypatch.setattr(Path, "read_bytes", edited("sample.py"))  # generation's sampling
-    assert code_digest("cantus.tokenize.train_codec") == before
+    assert code_digest("cantus.tokenize.codec.train") == before

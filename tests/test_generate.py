@@ -12,10 +12,10 @@ import soundfile as sf
 import torch
 
 from cantus.config import load_section
-from cantus.train.generate import GenerateConfig, Generator, check_request, main, model_paths
+from cantus.generate.run import GenerateConfig, Generator, check_request, main, model_paths
 from cantus.train.layout import Layout, stage_spec
 from cantus.train.model import tiny
-from cantus.train.sample import SampleOptions, sample_frames, sample_ids, window_starts
+from cantus.generate.sample import SampleOptions, sample_frames, sample_ids, window_starts
 from cantus.train.stage import TokensConfig, build_model, load_stage, save_stage
 from conftest import ROOT, audio_shards, tiny_tokenizer_models
 
@@ -44,7 +44,7 @@ def tokens_cfg() -> TokensConfig:
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> Path:
     """A models/ folder as `dvc repro` leaves it, every model tiny and untrained."""
-    from cantus.tokenize.codec_model import CodecConfig
+    from cantus.tokenize.codec.model import CodecConfig
 
     tmp = tmp_path_factory.mktemp("gen")
     audio = audio_shards(tmp, 6, 4.0, seed=900, chunk_seconds=2.0, valid_fraction=0.4,

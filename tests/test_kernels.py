@@ -11,14 +11,14 @@ import numpy as np
 import torch
 
 from cantus import kernels
-from cantus.tokenize.codec_model import CodecConfig, SoundStream
+from cantus.tokenize.codec.model import CodecConfig, SoundStream
 from conftest import melody
 
 ENCODE = """
 import json, sys
 import numpy as np, torch
 from cantus import kernels
-from cantus.tokenize.codec_model import SoundStream
+from cantus.tokenize.codec.model import SoundStream
 torch.set_num_threads(1)
 model = SoundStream.load(sys.argv[1])
 codes = model.encode(torch.from_numpy(np.load(sys.argv[2]))[None])

@@ -16,7 +16,8 @@ def test_stdlib_tokenize_not_shadowed_from_repo_root():
 
 
 def test_stage_folders_have_no_init():
-    for d in ("ingest", "tokenize", "train", "evaluate"):
+    for d in ("ingest", "tokenize", "tokenize/codec", "tokenize/semantic", "tokenize/mulan",
+              "train", "generate", "evaluate"):
         assert (ROOT / d).is_dir(), d
         assert not (ROOT / d / "__init__.py").exists(), f"{d}/__init__.py must not exist"
 

@@ -16,11 +16,13 @@ import torch
 
 from cantus import shards
 from cantus.audio_stream import AudioBatches, shard_paths
-from cantus.tokenize import mulan_eval, mulan_rvq, mulan_train
-from cantus.tokenize.mulan_model import EmptyCaptionError, build_mulan
-from cantus.tokenize.mulan_params import (MulanConfig, MulanEvalConfig, MulanModelConfig,
+from cantus.tokenize.mulan import evaluate as mulan_eval
+from cantus.tokenize.mulan import rvq as mulan_rvq
+from cantus.tokenize.mulan import train as mulan_train
+from cantus.tokenize.mulan.model import EmptyCaptionError, build_mulan
+from cantus.tokenize.mulan.params import (MulanConfig, MulanEvalConfig, MulanModelConfig,
                                           MulanRVQConfig, MulanTrainConfig)
-from cantus.tokenize.mulan_rvq import MulanTokenizer, ResidualKMeans, mulan_tokens
+from cantus.tokenize.mulan.rvq import MulanTokenizer, ResidualKMeans, mulan_tokens
 from cantus.training import Checkpoints, load_weights, save_weights
 
 RATE = 8000

@@ -22,7 +22,7 @@ def _data():
 def _rank(rank: int, store: str, out: str) -> None:
     import torch.distributed as dist
 
-    from cantus.tokenize.mulan_train import info_nce
+    from cantus.tokenize.mulan.train import info_nce
 
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
@@ -41,7 +41,7 @@ def _rank(rank: int, store: str, out: str) -> None:
 
 
 def test_gathered_loss_and_gradients_equal_the_single_process_full_batch(tmp_path):
-    from cantus.tokenize.mulan_train import info_nce
+    from cantus.tokenize.mulan.train import info_nce
 
     mp.spawn(_rank, args=(str(tmp_path / "store"), str(tmp_path / "rank")), nprocs=WORLD,
              join=True)

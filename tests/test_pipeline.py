@@ -120,8 +120,8 @@ def run_dir(tmp_path_factory) -> Path:
     git(repo, "add", "-A")
     git(repo, "commit", "-qm", "tiny")
     log = dvc(repo, "repro")
-    assert {"demo_corpus", "ingest", "train_codec", "semantic_kmeans", "pack_tokens",
-            "train@semantic", "train@coarse", "train@fine", "generate_eval",
+    assert {"demo_corpus", "ingest", "codec_train", "semantic_kmeans", "tokenize_pack",
+            "lm_train@semantic", "lm_train@coarse", "lm_train@fine", "generate",
             "evaluate"} <= ran(log)
     git(repo, "add", "-A")  # dvc.lock, metrics, the .gitignore files dvc wrote
     git(repo, "commit", "-qm", "repro")
@@ -179,13 +179,13 @@ def test_kmeans_k_reruns_only_what_depends_on_it(run_dir, tmp_path):
     the LM stages require one K for every codebook (lm.tokens.codebook_size)."""
     codec = tree_digest(run_dir / "models/codec")
     log = dvc(run_dir, "exp", "run", "-S", "semantic_kmeans.clusters=8",
-              "pack_tokens", "semantic_metrics")
-    assert ran(log) == {"semantic_kmeans", "semantic_metrics", "tokenize_semantic", "pack_tokens"}
-    assert "Stage 'train_codec' didn't change, skipping" in log
+              "tokenize_pack", "semantic_eval")
+    assert ran(log) == {"semantic_kmeans", "semantic_eval", "tokenize_semantic", "tokenize_pack"}
+    assert "Stage 'codec_train' didn't change, skipping" in log
     assert tree_digest(run_dir / "models/codec") == codec
     status = json.loads(dvc(run_dir, "status", "--json"))
-    assert {"train@semantic", "train@coarse", "train@fine"} <= set(status)  # downstream
-    assert not {"train_codec", "eval_codec", "tokenize_acoustic", "train_mulan"} & set(status)
+    assert {"lm_train@semantic", "lm_train@coarse", "lm_train@fine"} <= set(status)  # downstream
+    assert not {"codec_train", "codec_eval", "tokenize_acoustic", "mulan_train"} & set(status)
     tokens = json.loads((run_dir / "data/tokens/manifest.json").read_text())["tokenizers"]
     assert tokens["semantic"]["k"] == 8 and tokens["acoustic"]["codebook_size"] == 16
     diff = json.loads(dvc(run_dir, "metrics", "diff", "--json"))

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from cantus.tokenize import semantic_pretrain as sp
-from cantus.tokenize import train_codec
+from cantus.tokenize.semantic import pretrain as sp
+from cantus.tokenize.codec import train as train_codec
 from conftest import audio_shards
 
 _real_read_bytes = Path.read_bytes
@@ -44,7 +44,7 @@ def test_codec_starts_afresh_after_new_data_or_a_loss_edit(shards, tmp_path, mon
         (tmp_path / "m2" / "model.safetensors").read_bytes()
     assert train_codec.run(cfg, b, tmp_path / "m3", work)["resumed_from"] == 0  # new data
     assert train_codec.run(cfg, b, tmp_path / "m4", work)["resumed_from"] == cfg.train.steps
-    _edit(monkeypatch, "codec_losses.py")
+    _edit(monkeypatch, "losses.py")
     assert train_codec.run(cfg, b, tmp_path / "m5", work)["resumed_from"] == 0  # loss code
 
 
@@ -59,7 +59,7 @@ def test_w2v_bert_starts_afresh_after_new_data_or_a_loss_edit(shards, tmp_path, 
     assert len(list(ck.iterdir())) == 1
     sp.run(cfg, b, tmp_path / "m3", ck)
     assert len(list(ck.iterdir())) == 2  # new data: a run of its own, from step 0
-    _edit(monkeypatch, "semantic_pretrain.py")
+    _edit(monkeypatch, "pretrain.py")
     sp.run(cfg, b, tmp_path / "m4", ck)
     assert len(list(ck.iterdir())) == 3  # its own code edited: again from step 0
 

@@ -9,10 +9,10 @@ import torch
 import yaml
 
 from cantus.config import ConfigError, from_dict, load_section, to_dict
-from cantus.tokenize import semantic_kmeans as sk
-from cantus.tokenize import semantic_metrics as smet
-from cantus.tokenize import semantic_model as sm
-from cantus.tokenize import semantic_pretrain as sp
+from cantus.tokenize.semantic import kmeans as sk
+from cantus.tokenize.semantic import evaluate as smet
+from cantus.tokenize.semantic import model as sm
+from cantus.tokenize.semantic import pretrain as sp
 from conftest import ROOT, audio_shards, melody
 
 PRETRAIN = dict(seed=0, steps=4, batch_size=2, crop_seconds=1.0, lr=3e-3, warmup_steps=1,

@@ -62,12 +62,12 @@ def test_run_id_changes_with_the_data_even_when_no_shard_changes_size(tmp_path):
     shard = tmp_path / "train-000000.tar"
     shard.write_bytes(b"x" * 1024)
     (tmp_path / "manifest.parquet").write_bytes(b"captions v1")
-    code = "cantus.tokenize.train_codec"
+    code = "cantus.tokenize.codec.train"
     a = run_id("params", code, [str(shard)])
     assert run_id("params", code, [str(shard)]) == a
     (tmp_path / "manifest.parquet").write_bytes(b"captions v2")   # same shard size
     assert run_id("params", code, [str(shard)]) != a
     assert run_id("other params", code, [str(shard)]) != run_id("params", code, [str(shard)])
     # another stage's code (the w2v-BERT trainer) on the same params and data
-    assert run_id("params", "cantus.tokenize.semantic_pretrain", [str(shard)]) != \
+    assert run_id("params", "cantus.tokenize.semantic.pretrain", [str(shard)]) != \
         run_id("params", code, [str(shard)])

@@ -40,7 +40,7 @@ class AcousticTokens:
     field = "acoustic"
 
     def __init__(self, codec_dir: str | Path, device: str = "cpu", batch_size: int = 8):
-        from cantus.tokenize.codec_model import SoundStream
+        from cantus.tokenize.codec.model import SoundStream
 
         self.model = SoundStream.load(codec_dir, device=device)
         self.sample_rate = self.model.cfg.sample_rate
@@ -74,7 +74,7 @@ class SemanticTokens:
     field = "semantic"
 
     def __init__(self, model_dir: str | Path, kmeans_dir: str | Path, device: str = "cpu"):
-        from cantus.tokenize.semantic_kmeans import SemanticTokenizer
+        from cantus.tokenize.semantic.kmeans import SemanticTokenizer
 
         self.tok = SemanticTokenizer(model_dir, kmeans_dir, device=device)
         self.sample_rate = 16000
@@ -95,7 +95,7 @@ class MulanTokens:
     field = "mulan"
 
     def __init__(self, model_dir: str | Path, rvq_dir: str | Path, device: str = "cpu"):
-        from cantus.tokenize.mulan_rvq import MulanTokenizer
+        from cantus.tokenize.mulan.rvq import MulanTokenizer
 
         self.tok = MulanTokenizer.load(model_dir, rvq_dir, device=device, text=False)
         self.sample_rate = self.tok.model.cfg.sample_rate
@@ -124,7 +124,7 @@ def load_field(field: str, models: dict[str, str], device: str = "cpu"):
         if not Path(models[name]).is_dir():
             raise FileNotFoundError(f"{name} model folder not found: {models[name]}")
     if str(device).startswith("cpu"):
-        from cantus.tokenize import cpu_native
+        from cantus.tokenize.codec import native as cpu_native
 
         cpu_native.keep_freed_memory(every_size=True)  # same-sized shards: reuse every block
     if field == "acoustic":

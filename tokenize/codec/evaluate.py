@@ -15,7 +15,7 @@ PyAV, on the same audio):
 and the codebook usage of the full-rate codes: fraction of codes used and
 perplexity per level.
 
-    python -m cantus.tokenize.eval_codec --params params.yaml --shards data/audio \\
+    python -m cantus.tokenize.codec.evaluate --params params.yaml --audio data/audio \\
         --model models/codec --out metrics/codec.json
 """
 
@@ -178,7 +178,7 @@ def _encode_all(model, clips: list[np.ndarray], batch: int, device) -> list[np.n
 def run(cfg: EvalConfig, shards: str | Path, model_dir: str | Path,
         out: str | Path | None = None) -> dict[str, Any]:
     """Codec at each bitrate and Opus on the same clips -> metrics dict (and JSON)."""
-    from cantus.tokenize.codec_model import SoundStream
+    from cantus.tokenize.codec.model import SoundStream
 
     device = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else (
         "cpu" if cfg.device == "auto" else cfg.device)
@@ -230,17 +230,17 @@ def spectrogram_png(pairs: list[tuple[np.ndarray, np.ndarray]], rate: int,
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="cantus.tokenize.eval_codec", description=__doc__,
+    p = argparse.ArgumentParser(prog="cantus.tokenize.codec.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--params", default="params.yaml")
-    p.add_argument("--shards", required=True)
+    p.add_argument("--audio", required=True)
     p.add_argument("--model", required=True, help="codec folder (model.safetensors + config.json)")
     p.add_argument("--out", required=True, help="metrics JSON to write")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_section(args.params, "codec_eval", EvalConfig)
-        result = run(cfg, args.shards, args.model, args.out)
+        result = run(cfg, args.audio, args.model, args.out)
     except (ConfigError, FileNotFoundError) as e:
         print(f"cantus eval_codec: {e}", file=sys.stderr)
         return 2

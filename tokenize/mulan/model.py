@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cantus.tokenize.mulan_params import MulanModelConfig
+from cantus.tokenize.mulan.params import MulanModelConfig
 
 
 class EmptyCaptionError(ValueError):
@@ -241,7 +241,7 @@ def build_mulan(cfg: MulanModelConfig, seed: int = 0) -> Mulan:
 def load_mulan(folder: str | Path, device: str = "cpu", text: bool = True) -> Mulan:
     """A trained model saved by ``mulan_train`` (``model.safetensors`` + ``config.json``);
     ``text=False``: its audio side only (the text tower's weights are left unread)."""
-    from cantus.tokenize.mulan_params import model_config_from_json
+    from cantus.tokenize.mulan.params import model_config_from_json
     from cantus.training import load_weights, read_config
 
     model = Mulan(model_config_from_json(read_config(folder)), text=text)

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .layout import Layout
+from cantus.train.layout import Layout
 
 CondFn = Callable[[int, int], dict[str, np.ndarray]]
 

@@ -18,7 +18,7 @@ the audio shards and section ``mulan.eval``. Comes out: a metrics JSON with
   a caption and its audio get the same code, beside how often they would by
   chance (from each side's code frequencies).
 
-    python -m cantus.tokenize.mulan_eval --params params.yaml --model models/mulan \
+    python -m cantus.tokenize.mulan.evaluate --params params.yaml --model models/mulan \
         --rvq models/mulan_rvq --audio data/audio --out metrics/mulan.json
 """
 
@@ -35,8 +35,8 @@ import torch
 
 from cantus.config import load_section
 from cantus.shards import atomic_write_json
-from cantus.tokenize.mulan_params import MulanConfig, MulanEvalConfig
-from cantus.tokenize.mulan_rvq import MulanTokenizer
+from cantus.tokenize.mulan.params import MulanConfig, MulanEvalConfig
+from cantus.tokenize.mulan.rvq import MulanTokenizer
 
 log = logging.getLogger(__name__)
 

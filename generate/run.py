@@ -41,7 +41,7 @@ from cantus.tokens import ACOUSTIC_HZ, SEMANTIC_HZ
 from cantus.training import progress, read_config, resolve_device
 
 from .sample import SampleOptions, sample_frames
-from .stage import load_stage
+from cantus.train.stage import load_stage
 
 log = logging.getLogger(__name__)
 
@@ -123,8 +123,8 @@ class Generator:
     """
 
     def __init__(self, paths: dict[str, str], device: str = "cpu"):
-        from cantus.tokenize.codec_model import SoundStream
-        from cantus.tokenize.mulan_rvq import MulanTokenizer
+        from cantus.tokenize.codec.model import SoundStream
+        from cantus.tokenize.mulan.rvq import MulanTokenizer
 
         self.paths, self.device = paths, device
         self.stages = {s: load_stage(_need(paths[f"{s}_lm"], f"{s} LM"), device)

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from cantus.tokenize import cpu_native
+from cantus.tokenize.codec import native as cpu_native
 
 CHANNELS_LAST = torch.channels_last
 
@@ -127,7 +127,7 @@ def _transposed(conv: nn.ConvTranspose1d, rows: torch.Tensor) -> torch.Tensor:
 
 
 def _run(net: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
-    from cantus.tokenize.codec_model import ResidualUnit
+    from cantus.tokenize.codec.model import ResidualUnit
 
     pending = None  # biases of residual units not yet added to x (see _residual)
     for layer in net:

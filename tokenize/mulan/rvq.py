@@ -14,7 +14,7 @@ levels, on audio embeddings of the train split (every window at
 ``mulan_tokens("a fast reel", tok)`` both give ``uint16[12]``; training
 conditions on the audio's tokens, generation on the prompt's.
 
-    python -m cantus.tokenize.mulan_rvq --params params.yaml --model models/mulan \
+    python -m cantus.tokenize.mulan.rvq --params params.yaml --model models/mulan \
         --audio data/audio --out models/mulan_rvq
 """
 
@@ -33,7 +33,7 @@ import torch
 from cantus.config import load_section
 from cantus.nearest import canonical_rows, distinct_rows, nearest_np
 from cantus.shards import atomic_write_json
-from cantus.tokenize.mulan_params import MulanConfig, MulanRVQConfig
+from cantus.tokenize.mulan.params import MulanConfig, MulanRVQConfig
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +174,7 @@ class MulanTokenizer:
              text: bool = True) -> MulanTokenizer:
         """Load both, refusing an RVQ fitted for other MuLan weights (``text=False``:
         audio only, see ``load_mulan``)."""
-        from cantus.tokenize.mulan_model import load_mulan
+        from cantus.tokenize.mulan.model import load_mulan
 
         meta = json.loads((Path(rvq_dir) / "rvq.json").read_text())
         weights = hashlib.sha256((Path(model_dir) / "model.safetensors").read_bytes()).hexdigest()
@@ -224,7 +224,7 @@ def run(cfg: MulanRVQConfig, model_dir: str | Path, audio_dir: str | Path,
         out: str | Path) -> dict[str, Any]:
     """Fit and save the RVQ; returns its summary (also written to ``rvq.json``)."""
     from cantus.audio_stream import load_all, shard_paths
-    from cantus.tokenize.mulan_model import load_mulan
+    from cantus.tokenize.mulan.model import load_mulan
 
     model = load_mulan(model_dir)
     audio = [x for x, _ in load_all(shard_paths(audio_dir, "train"))]

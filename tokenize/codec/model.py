@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from cantus.config import ConfigError, from_dict
-from cantus.tokenize import codec_cpu
-from cantus.tokenize.rvq import ResidualVQ
+from cantus.tokenize.codec import cpu as codec_cpu
+from cantus.tokenize.codec.rvq import ResidualVQ
 
 
 def _require(ok: bool, key: str, why: str) -> None:

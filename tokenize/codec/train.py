@@ -7,14 +7,14 @@ training, the first ``valid-*.tar`` chunks for reconstruction samples) and the
 - ``--out``: ``model.safetensors`` + ``config.json`` (load with
   ``SoundStream.load(out)``) and ``train.json`` (steps, run id, final losses;
   the time goes to the uncached ``--live`` summary);
-- ``--work``: ``checkpoints/step-NNNNNNNN.pt`` (models, optimisers, schedulers,
+- ``--checkpoints``: ``step-NNNNNNNN.pt`` (models, optimisers, schedulers,
   step, RNG states, data position) and ``samples/`` (wav + spectrogram PNG of
   fixed validation chunks); a killed run started again resumes from the last
   checkpoint and ends with the same weights as an uninterrupted run (CPU);
 - ``--live``: dvclive curves (``dvc plots show``).
 
-    python -m cantus.tokenize.train_codec --params params.yaml --shards data/audio \\
-        --out models/codec --work runs/codec --live metrics/codec_train
+    python -m cantus.tokenize.codec.train --params params.yaml --audio data/audio \\
+        --out models/codec --checkpoints checkpoints/codec --live metrics/codec_train
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ import torch
 from cantus.audio_stream import AudioBatches, load_all, shard_paths
 from cantus.config import ConfigError, config_hash, load_section
 from cantus.shards import atomic_write_json
-from cantus.tokenize import codec_losses as L
-from cantus.tokenize.codec_model import CodecConfig, SoundStream
+from cantus.tokenize.codec import losses as L
+from cantus.tokenize.codec.model import CodecConfig, SoundStream
 from cantus.training import Checkpoints, Metrics, progress, rng_state, run_id, set_rng_state
 
 log = logging.getLogger(__name__)
@@ -199,7 +199,7 @@ def write_samples(model: SoundStream, clips: list[torch.Tensor], folder: Path,
     """Reconstruct fixed clips at full bitrate: wav files and one spectrogram PNG."""
     import soundfile as sf
 
-    from cantus.tokenize.eval_codec import spectrogram_png
+    from cantus.tokenize.codec.evaluate import spectrogram_png
 
     was_training = model.training
     model.eval()
@@ -239,8 +239,8 @@ def run(cfg: CodecParams, shards: str | Path, out: str | Path, work: str | Path,
                            seed=t.seed, num_workers=t.num_workers,
                            shuffle_buffer=t.shuffle_buffer)
     # resumed only by a run of the same params, code (the trainer's imports) and shards
-    digest = run_id(config_hash(cfg), "cantus.tokenize.train_codec", shard_paths(shards, "train"))
-    ckpts = Checkpoints(work / "checkpoints", t.keep_checkpoints)
+    digest = run_id(config_hash(cfg), "cantus.tokenize.codec.train", shard_paths(shards, "train"))
+    ckpts = Checkpoints(work, t.keep_checkpoints)
     start, last = _resume(ckpts, trainer, batches, digest)
     metrics = Metrics(live or work / "live", resume=start > 0)
     clips = _clips(shards, t, cfg.model.sample_rate)
@@ -276,12 +276,12 @@ def run(cfg: CodecParams, shards: str | Path, out: str | Path, work: str | Path,
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cantus.tokenize.train_codec", description=__doc__,
+    p = argparse.ArgumentParser(prog="cantus.tokenize.codec.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--params", default="params.yaml")
-    p.add_argument("--shards", required=True, help="folder of train-*/valid-* audio shards")
+    p.add_argument("--audio", required=True, help="folder of train-*/valid-* audio shards")
     p.add_argument("--out", required=True, help="folder for model.safetensors + config.json")
-    p.add_argument("--work", required=True, help="folder for checkpoints and samples")
+    p.add_argument("--checkpoints", required=True, help="folder for checkpoints and samples")
     p.add_argument("--live", help="dvclive folder (default WORK/live)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
@@ -297,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cantus train_codec: configuration error: {e}", file=sys.stderr)
         return 2
     try:
-        s = run(cfg, args.shards, args.out, args.work, args.live)
+        s = run(cfg, args.audio, args.out, args.checkpoints, args.live)
     except FileNotFoundError as e:
         print(f"cantus train_codec: {e}", file=sys.stderr)
         return 1

@@ -12,9 +12,9 @@ Each step takes ``batch_size`` random windows of ``window_seconds``, turns
 each sample's metadata into a text (its caption, or a random subset of its
 tags in random order; see ``augment_text``) and minimises the symmetric
 InfoNCE loss over in-batch negatives, gathered across ranks under DDP
-(``torchrun --nproc-per-node N -m cantus.tokenize.mulan_train ...``).
+(``torchrun --nproc-per-node N -m cantus.tokenize.mulan.train ...``).
 
-    python -m cantus.tokenize.mulan_train --params params.yaml --audio data/audio \
+    python -m cantus.tokenize.mulan.train --params params.yaml --audio data/audio \
         --out models/mulan --checkpoints checkpoints/mulan --live metrics/mulan_train
 """
 
@@ -35,8 +35,8 @@ import torch.nn.functional as F
 
 from cantus.audio_stream import AudioBatches, shard_paths
 from cantus.config import config_hash, load_section
-from cantus.tokenize.mulan_model import Mulan, build_mulan
-from cantus.tokenize.mulan_params import MulanConfig
+from cantus.tokenize.mulan.model import Mulan, build_mulan
+from cantus.tokenize.mulan.params import MulanConfig
 from cantus.training import run_id as training_run_id
 from cantus.training import (Checkpoints, Metrics, progress, rng_state, save_weights,
                              set_rng_state)
@@ -161,7 +161,7 @@ def _distributed() -> tuple[int, int]:
 
 def run_id(cfg: MulanConfig, paths: list[str]) -> str:
     """What a checkpoint must match to be resumed: params, this code, the shards."""
-    return training_run_id(config_hash(cfg), "cantus.tokenize.mulan_train", paths)
+    return training_run_id(config_hash(cfg), "cantus.tokenize.mulan.train", paths)
 
 
 def train_step(model: torch.nn.Module, opt, sched, batch: dict, texts: list[str],

@@ -15,9 +15,9 @@ layers) predicts the quantised target ids of masked frames with cross-entropy.
 Checkpoints (model, quantiser and heads, optimiser, schedule, data position,
 RNG) go to ``--checkpoints``; a rerun resumes exactly.
 
-    python -m cantus.tokenize.semantic_pretrain --params params.yaml \
-        --shards data/audio --out models/semantic \
-        --checkpoints data/cache/semantic_pretrain --metrics metrics/semantic_pretrain
+    python -m cantus.tokenize.semantic.pretrain --params params.yaml \
+        --audio data/audio --out models/semantic \
+        --checkpoints checkpoints/semantic --live metrics/semantic_pretrain
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from torch import nn
 from cantus import audio, shards, training
 from cantus.audio_stream import AudioBatches, load_all, shard_paths
 from cantus.config import config_hash, load_section, to_dict
-from cantus.tokenize import semantic_model as sm
+from cantus.tokenize.semantic import model as sm
 
 log = logging.getLogger(__name__)
 
@@ -247,7 +247,7 @@ def run(cfg: sm.SemanticModelConfig, shards_dir: str | Path, out: str | Path,
 
 def run_id(cfg: sm.SemanticModelConfig, paths: list[str]) -> str:
     """The checkpoint folder's name: params, this trainer's code (its imports) and the shards."""
-    return training.run_id(config_hash(cfg), "cantus.tokenize.semantic_pretrain", paths)
+    return training.run_id(config_hash(cfg), "cantus.tokenize.semantic.pretrain", paths)
 
 
 def model_dir(out: str | Path) -> Path:
@@ -261,14 +261,14 @@ def model_dir(out: str | Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--shards", required=True, help="audio shard folder (ingest output)")
+    ap.add_argument("--audio", required=True, help="audio shard folder (ingest output)")
     ap.add_argument("--out", required=True, help="model folder")
     ap.add_argument("--checkpoints", required=True, help="resumable checkpoints folder")
-    ap.add_argument("--metrics", default=None, help="dvclive folder for the curves")
+    ap.add_argument("--live", default=None, help="dvclive folder for the curves")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     cfg = load_section(args.params, "semantic_model", sm.SemanticModelConfig)
-    summary = run(cfg, args.shards, args.out, args.checkpoints, args.metrics)
+    summary = run(cfg, args.audio, args.out, args.checkpoints, args.live)
     print({k: v for k, v in summary.items() if k != "params"})
     return 0
 

@@ -10,9 +10,9 @@ instrument set and the genre. The same figures are given for the baseline:
 k-means with the same K, seed and frame cap on per-dimension normalised
 log-mel frames at the same rate, fitted on the same train split.
 
-    python -m cantus.tokenize.semantic_metrics --params params.yaml \
+    python -m cantus.tokenize.semantic.evaluate --params params.yaml \
         --model models/semantic --codebook models/semantic_kmeans \
-        --shards data/audio --out metrics/semantic.json
+        --audio data/audio --out metrics/semantic.json
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ import torch
 from cantus import shards
 from cantus.audio_stream import shard_paths
 from cantus.config import load_section
-from cantus.tokenize import semantic_kmeans as sk
-from cantus.tokenize import semantic_model as sm
+from cantus.tokenize.semantic import kmeans as sk
+from cantus.tokenize.semantic import model as sm
 
 log = logging.getLogger(__name__)
 N_MELS = 80
@@ -137,12 +137,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--model", required=True, help="pretraining stage output")
     ap.add_argument("--codebook", required=True, help="k-means stage output")
-    ap.add_argument("--shards", required=True, help="audio shard folder")
+    ap.add_argument("--audio", required=True, help="audio shard folder")
     ap.add_argument("--out", required=True, help="metrics JSON")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     cfg = load_section(args.params, "semantic_kmeans", sk.KMeansConfig)
-    result = run(cfg, args.model, args.codebook, args.shards)
+    result = run(cfg, args.model, args.codebook, args.audio)
     shards.atomic_write_json(args.out, result)
     for s in ("train", "valid"):
         print(s, "PNMI instrument: semantic", round(result["semantic"][s]["pnmi_instrument"], 4),

@@ -14,8 +14,8 @@ distance matrix product on the model's device (``Codebook.assign``);
 ``SemanticTokenizer.encode(wav, rate) -> uint16[T]`` is the tokenizer other
 stages use.
 
-    python -m cantus.tokenize.semantic_kmeans --params params.yaml \
-        --model models/semantic --shards data/audio --out models/semantic_kmeans
+    python -m cantus.tokenize.semantic.kmeans --params params.yaml \
+        --model models/semantic --audio data/audio --out models/semantic_kmeans
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ from cantus.training import resolve_device
 from cantus.audio_stream import decode_sample, shard_paths
 from cantus.config import ConfigError, load_section, to_dict
 from cantus.nearest import CanonicalCache, nearest_torch
-from cantus.tokenize import semantic_model as sm
-from cantus.tokenize.semantic_pretrain import model_dir
+from cantus.tokenize.semantic import model as sm
+from cantus.tokenize.semantic.pretrain import model_dir
 
 log = logging.getLogger(__name__)
 
@@ -267,12 +267,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--model", required=True, help="pretraining stage output")
-    ap.add_argument("--shards", required=True, help="audio shard folder")
+    ap.add_argument("--audio", required=True, help="audio shard folder")
     ap.add_argument("--out", required=True, help="codebook folder")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     cfg = load_section(args.params, "semantic_kmeans", KMeansConfig)
-    summary = run(cfg, args.model, args.shards, args.out)
+    summary = run(cfg, args.model, args.audio, args.out)
     print({k: v for k, v in summary.items() if k != "params"})
     return 0
 
