@@ -160,6 +160,22 @@ def test_second_repro_does_nothing(run_dir):
     assert json.loads(dvc(run_dir, "status", "--json")) == {}
 
 
+def test_retraining_from_the_same_inputs_gives_the_same_outputs(run_dir):
+    """Outputs are functions of their inputs: a trainer run afresh (checkpoints gone) and
+    generation run again write the same bytes, so nothing below them is left to run."""
+    before = {f: tree_digest(run_dir / f) for f in ("models/codec", "models/lm_fine",
+                                                     "data/generated")}
+    for folder in ("checkpoints/codec", "checkpoints/lm_fine"):
+        shutil.rmtree(run_dir / folder)
+    log = dvc(run_dir, "repro", "-f", "-s", "codec_train")
+    assert ran(log) == {"codec_train"}
+    dvc(run_dir, "repro", "-f", "-s", "lm_train@fine")
+    dvc(run_dir, "repro", "-f", "-s", "generate")
+    for folder, digest in before.items():
+        assert tree_digest(run_dir / folder) == digest, folder
+    assert json.loads(dvc(run_dir, "status", "--json")) == {}
+
+
 def test_push_then_pull_in_a_fresh_clone_needs_no_recompute(run_dir, tmp_path):
     dvc(run_dir, "remote", "add", "-d", "-f", "store", str(tmp_path / "remote"))
     git(run_dir, "commit", "-qam", "remote")

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 from cantus.audio_stream import shard_paths
 from cantus.config import config_hash
+from cantus.shards import atomic_write_json
 from cantus.tokens import check_manifest, read_manifest
 from cantus.training import Checkpoints, Metrics, progress, rng_state, set_rng_state
 from cantus.training import run_id as training_run_id
@@ -265,7 +266,7 @@ def run(cfg: LMConfig, stage: str, inputs: Inputs, out: str | Path | None,
             bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{rate:.0f}")
         row = {}
         if step % t.log_every == 0 or step == t.steps:
-            row = {"train_loss": losses[-1], "lr": lr_at(step - 1, t), "tokens_per_s": rate}
+            row = {"train_loss": losses[-1], "lr": lr_at(step - 1, t)}
         if step % t.valid_every == 0 or step == t.steps:
             val = evaluate(core, layout, valid, dev, t.bf16)
             row.update(val_loss=val, val_ppl=math.exp(val), unigram_ppl=math.exp(unigram))
@@ -293,8 +294,11 @@ def run(cfg: LMConfig, stage: str, inputs: Inputs, out: str | Path | None,
         summary["sha256"] = save_stage(core, layout, cfg.tokens, out,
                                        extra={"summary": kept, "tokenizers": tokenizers})
     if metrics is not None:
-        metrics.summary(seconds=seconds, tokens_per_s=summary["tokens_per_s"])
         metrics.close()
+        # evaluate depends on metrics.json: times go beside it, in a file no stage reads
+        atomic_write_json(Path(inputs.live) / "timing.json",
+                          {"seconds": round(seconds, 2), "steps_run": len(losses),
+                           "tokens_per_s": round(summary["tokens_per_s"], 1)})
     return summary
 
 
