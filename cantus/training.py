@@ -12,6 +12,14 @@
   its config as JSON, the form other stages load by path.
 - ``Metrics(folder)``: dvclive logging that survives resume (``dvc plots``).
 - ``progress(...)``: a tqdm bar on a terminal, plain log lines otherwise.
+- ``warmup_cosine``: the learning-rate factor of every trainer (linear warm-up,
+  cosine decay to a floor).
+- ``distributed()`` / ``resolve_device()``: rank and world size (1 process
+  outside ``torchrun``), and a params ``device`` made concrete.
+- ``run_id``: what a checkpoint must match to be resumed (params, the stage's
+  code, its data).
+- ``stage_main``: the command line of a stage (``--params``, ``-v``, one log
+  format; a bad config key exits 2 naming it, a missing input exits 1).
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -30,6 +39,56 @@ import torch
 
 log = logging.getLogger(__name__)
 _STEP_RE = re.compile(r"^step-(\d{8})\.pt$")
+
+
+def warmup_cosine(step: int, warmup: int, total: int, floor: float = 0.1) -> float:
+    """Learning-rate factor of optimiser step ``step`` (0-based): linear warm-up over
+    ``warmup`` steps, then a cosine from 1 down to ``floor`` at step ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    frac = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * frac))
+
+
+def distributed() -> tuple[int, int]:
+    """(rank, world size) of this process: (0, 1) unless a process group is up."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def stage_main(prog: str, doc: str, add_arguments, body, argv: list[str] | None = None) -> int:
+    """The command line every stage shares.
+
+    ``add_arguments(parser)`` adds the stage's flags (``--params`` and ``-v`` are
+    there already); ``body(args)`` does the work and returns the exit status
+    (None: 0). A ``ConfigError`` (a bad or missing params key, named) exits 2
+    and a missing input (``FileNotFoundError``) exits 1, each with one line
+    on stderr naming ``prog``.
+    """
+    import argparse
+    import sys
+
+    from cantus.config import ConfigError
+
+    p = argparse.ArgumentParser(prog=prog, description=doc,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("-v", "--verbose", action="store_true")
+    add_arguments(p)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return body(args) or 0
+    except ConfigError as e:
+        print(f"{prog}: configuration error: {e}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return 1
 
 
 def resolve_device(device: str) -> str:

@@ -24,12 +24,12 @@ its own codebook block.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import logging
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +42,8 @@ from cantus.audio_stream import shard_paths
 from cantus.config import config_hash
 from cantus.shards import atomic_write_json
 from cantus.tokens import check_manifest, read_manifest
-from cantus.training import Checkpoints, Metrics, progress, rng_state, set_rng_state
+from cantus.training import (Checkpoints, Metrics, distributed, progress, rng_state,
+                             set_rng_state, stage_main, warmup_cosine)
 from cantus.training import run_id as training_run_id
 
 from .data import TokenBatches, batched, fixed_crops
@@ -63,24 +64,13 @@ class Inputs:
 
 def lr_at(step: int, t: TrainConfig) -> float:
     """Learning rate of optimiser step ``step`` (0-based): linear warm-up, cosine decay."""
-    if step < t.warmup_steps:
-        return t.lr * (step + 1) / t.warmup_steps
-    p = min(1.0, (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps))
-    return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
-
-
-def _distributed() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    return t.lr * warmup_cosine(step, t.warmup_steps, t.steps, t.min_lr_ratio)
 
 
 def _all_sum(x: torch.Tensor) -> torch.Tensor:
     import torch.distributed as dist
 
-    if _distributed()[1] > 1:
+    if distributed()[1] > 1:
         dist.all_reduce(x)
     return x
 
@@ -119,7 +109,7 @@ def train_step(model: torch.nn.Module, core, opt: torch.optim.Optimizer, micro: 
     ranks: each rank divides its summed loss by the global target count / world
     (DDP averages gradients over ranks).
     """
-    world = _distributed()[1]
+    world = distributed()[1]
     count = _all_sum(sum(m["target"][:, 1:].sum() for m in micro).to(device).float())
     scale = world / count.clamp(min=1)
     summed = torch.zeros((), device=device)
@@ -208,7 +198,7 @@ def _check_tokens(folder: str, tokens: TokensConfig, extra: dict | None) -> None
 def _setup(stage: str, cfg: LMConfig, inputs: Inputs, device: torch.device):
     """Layout, model (DDP-wrapped, compiled), optimiser, data, fixed evaluation batches."""
     scfg: StageConfig = getattr(cfg, stage)
-    t, (rank, world) = scfg.train, _distributed()
+    t, (rank, world) = scfg.train, distributed()
     _check_tokens(inputs.tokens, cfg.tokens, inputs.expect)
     layout = make_layout(cfg.tokens, stage, scfg)
     paths = shard_paths(inputs.tokens, "train")
@@ -240,10 +230,10 @@ def run(cfg: LMConfig, stage: str, inputs: Inputs, out: str | Path | None,
     training losses of the steps this call ran.
     """
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    t, (rank, world) = getattr(cfg, stage).train, _distributed()
+    t, (rank, world) = getattr(cfg, stage).train, distributed()
     layout, core, model, opt, data, valid, unigram, want = _setup(stage, cfg, inputs, dev)
     ckpts, step = Checkpoints(inputs.checkpoints, t.keep_checkpoints), 0
-    state = ckpts.resume(want, clear=_distributed()[0] == 0)
+    state = ckpts.resume(want, clear=distributed()[0] == 0)
     if state is not None:
         core.load_state_dict(state["model"])
         opt.load_state_dict(state["optimiser"])
@@ -302,10 +292,8 @@ def run(cfg: LMConfig, stage: str, inputs: Inputs, out: str | Path | None,
     return summary
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def _arguments(p) -> None:
     p.add_argument("--stage", required=True, choices=STAGES)
-    p.add_argument("--params", default="params.yaml")
     p.add_argument("--tokens", required=True, help="token folder (data/tokens)")
     p.add_argument("--out", required=True, help="trained stage folder")
     p.add_argument("--checkpoints", required=True)
@@ -313,8 +301,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--expect", default=None,
                    help="JSON file of more manifest 'tokenizers' entries to require")
     p.add_argument("--device", default=None)
-    a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+
+
+def _main(a) -> None:
     cfg = load_lm(a.params)
     expect = json.loads(Path(a.expect).read_text()) if a.expect else None
     device = a.device
@@ -328,11 +317,15 @@ def main(argv: list[str] | None = None) -> None:
             torch.cuda.set_device(local)
             device = f"cuda:{local}"
     summary = run(cfg, a.stage, Inputs(a.tokens, a.checkpoints, a.live, expect), a.out, device)
-    if _distributed()[0] == 0:
+    if distributed()[0] == 0:
         print(json.dumps({k: v for k, v in summary.items() if k != "losses"}, indent=2))
     if "WORLD_SIZE" in os.environ:
         torch.distributed.destroy_process_group()
 
 
+def main(argv: list[str] | None = None) -> int:
+    return stage_main("cantus.train.run", __doc__.split("\n\n")[0], _arguments, _main, argv)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

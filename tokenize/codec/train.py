@@ -19,10 +19,8 @@ training, the first ``valid-*.tar`` chunks for reconstruction samples) and the
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import math
 import sys
 import time
 from dataclasses import dataclass
@@ -36,7 +34,8 @@ from cantus.config import ConfigError, config_hash, load_section
 from cantus.shards import atomic_write_json
 from cantus.tokenize.codec import losses as L
 from cantus.tokenize.codec.model import CodecConfig, SoundStream
-from cantus.training import Checkpoints, Metrics, progress, rng_state, run_id, set_rng_state
+from cantus.training import (Checkpoints, Metrics, progress, resolve_device, rng_state, run_id,
+                             set_rng_state, stage_main, warmup_cosine)
 
 log = logging.getLogger(__name__)
 
@@ -116,11 +115,7 @@ class Trainer:
         self.sched_d = torch.optim.lr_scheduler.LambdaLR(self.opt_d, self._lr_factor)
 
     def _lr_factor(self, step: int) -> float:
-        t = self.cfg.train
-        if step < t.warmup_steps:
-            return (step + 1) / t.warmup_steps
-        frac = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
-        return 0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, frac)))
+        return warmup_cosine(step, self.cfg.train.warmup_steps, self.cfg.train.steps)
 
     def state_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k).state_dict()
@@ -168,12 +163,6 @@ class Trainer:
         out["grad_norm"] = self._clip_step(self.opt_g, self.sched_g, self.model.parameters())
         out["loss"] = loss.item()
         return out
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def _resume(ckpts: Checkpoints, trainer: Trainer, batches: AudioBatches,
@@ -232,7 +221,7 @@ def run(cfg: CodecParams, shards: str | Path, out: str | Path, work: str | Path,
     torch.manual_seed(t.seed)
     if t.threads:
         torch.set_num_threads(t.threads)
-    device = _device(t.device)
+    device = torch.device(resolve_device(t.device))
     trainer = Trainer(cfg, device)
     batches = AudioBatches(shard_paths(shards, "train"), crop_seconds=t.crop_seconds,
                            sample_rate=cfg.model.sample_rate, batch_size=t.batch_size,
@@ -275,35 +264,22 @@ def run(cfg: CodecParams, shards: str | Path, out: str | Path, work: str | Path,
     return {**summary, "resumed_from": start, "seconds": seconds}
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cantus.tokenize.codec.train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--params", default="params.yaml")
+def _arguments(p) -> None:
     p.add_argument("--audio", required=True, help="folder of train-*/valid-* audio shards")
     p.add_argument("--out", required=True, help="folder for model.safetensors + config.json")
     p.add_argument("--checkpoints", required=True, help="folder for checkpoints and samples")
-    p.add_argument("--live", help="dvclive folder (default WORK/live)")
-    p.add_argument("-v", "--verbose", action="store_true")
-    return p
+    p.add_argument("--live", help="dvclive folder (default CHECKPOINTS/live)")
+
+
+def _main(args) -> None:
+    s = run(load_section(args.params, "codec", CodecParams), args.audio, args.out,
+            args.checkpoints, args.live)
+    print(f"codec_train: {s['steps']} steps (resumed from {s['resumed_from']}) in "
+          f"{s['seconds']} s -> {args.out}; " + json.dumps(s["final"]))
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        cfg = load_section(args.params, "codec", CodecParams)
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"cantus train_codec: configuration error: {e}", file=sys.stderr)
-        return 2
-    try:
-        s = run(cfg, args.audio, args.out, args.checkpoints, args.live)
-    except FileNotFoundError as e:
-        print(f"cantus train_codec: {e}", file=sys.stderr)
-        return 1
-    print(f"train_codec: {s['steps']} steps (resumed from {s['resumed_from']}) in "
-          f"{s['seconds']} s -> {args.out}; " + json.dumps(s["final"]))
-    return 0
+    return stage_main("cantus.tokenize.codec.train", __doc__, _arguments, _main, argv)
 
 
 if __name__ == "__main__":

@@ -20,12 +20,11 @@ InfoNCE loss over in-batch negatives, gathered across ranks under DDP
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import logging
-import math
 import os
 import random
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,8 +37,8 @@ from cantus.config import config_hash, load_section
 from cantus.tokenize.mulan.model import Mulan, build_mulan
 from cantus.tokenize.mulan.params import MulanConfig
 from cantus.training import run_id as training_run_id
-from cantus.training import (Checkpoints, Metrics, progress, rng_state, save_weights,
-                             set_rng_state)
+from cantus.training import (Checkpoints, Metrics, distributed, progress, rng_state,
+                             save_weights, set_rng_state, stage_main, warmup_cosine)
 
 log = logging.getLogger(__name__)
 
@@ -142,21 +141,8 @@ def _optimiser(model: Mulan, cfg: MulanConfig) -> torch.optim.Optimizer:
 def _schedule(opt: torch.optim.Optimizer, cfg: MulanConfig) -> torch.optim.lr_scheduler.LambdaLR:
     t = cfg.train
 
-    def factor(step: int) -> float:  # linear warm-up, then cosine to 10%
-        if step < t.warmup_steps:
-            return (step + 1) / t.warmup_steps
-        p = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
-        return 0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, p)))
-
-    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
-
-
-def _distributed() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda step: warmup_cosine(step, t.warmup_steps, t.steps))  # cosine to 10%
 
 
 def run_id(cfg: MulanConfig, paths: list[str]) -> str:
@@ -187,7 +173,7 @@ def run(cfg: MulanConfig, inputs: Inputs, out: str | Path, device: str = "cpu",
     ``stop_after`` ends the run after that many steps without writing weights,
     as a crash would (for tests of resume).
     """
-    t, rank, world = cfg.train, *_distributed()
+    t, rank, world = cfg.train, *distributed()
     paths = shard_paths(inputs.audio, "train")
     want = run_id(cfg, paths)
     torch.manual_seed(t.seed)
@@ -242,16 +228,16 @@ def run(cfg: MulanConfig, inputs: Inputs, out: str | Path, device: str = "cpu",
     return summary
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--params", default="params.yaml")
+def _arguments(p) -> None:
     p.add_argument("--audio", required=True, help="audio shard folder (train split used)")
     p.add_argument("--out", required=True, help="folder for model.safetensors + config.json")
     p.add_argument("--checkpoints", required=True, help="checkpoint folder (resumed from)")
     p.add_argument("--live", default=None, help="dvclive folder for training curves")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+
+
+def _main(args) -> None:
+    cfg = load_section(args.params, "mulan", MulanConfig)  # before any process group
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         import torch.distributed as dist
 
@@ -259,10 +245,13 @@ def main(argv: list[str] | None = None) -> None:
         if args.device == "cuda":
             args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
             torch.cuda.set_device(args.device)
-    cfg = load_section(args.params, "mulan", MulanConfig)
     summary = run(cfg, Inputs(args.audio, args.checkpoints, args.live), args.out, args.device)
     print(summary)
 
 
+def main(argv: list[str] | None = None) -> int:
+    return stage_main("cantus.tokenize.mulan.train", __doc__, _arguments, _main, argv)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

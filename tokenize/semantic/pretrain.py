@@ -22,9 +22,7 @@ RNG) go to ``--checkpoints``; a rerun resumes exactly.
 
 from __future__ import annotations
 
-import argparse
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
@@ -127,12 +125,7 @@ def _contrastive(ctx, q, masked, k: int, temperature: float) -> torch.Tensor:
 
 
 def _schedule(cfg: sm.PretrainConfig):
-    def lr_scale(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
-    return lr_scale
+    return lambda step: training.warmup_cosine(step, cfg.warmup_steps, cfg.steps)
 
 
 def _tau(cfg: sm.PretrainConfig, step: int) -> float:
@@ -258,19 +251,22 @@ def model_dir(out: str | Path) -> Path:
     return Path(manifest["checkpoint"]) if manifest["source"] == "checkpoint" else Path(out)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--params", default="params.yaml")
+def _arguments(ap) -> None:
     ap.add_argument("--audio", required=True, help="audio shard folder (ingest output)")
     ap.add_argument("--out", required=True, help="model folder")
     ap.add_argument("--checkpoints", required=True, help="resumable checkpoints folder")
     ap.add_argument("--live", default=None, help="dvclive folder for the curves")
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+
+
+def _main(args) -> None:
     cfg = load_section(args.params, "semantic_model", sm.SemanticModelConfig)
     summary = run(cfg, args.audio, args.out, args.checkpoints, args.live)
     print({k: v for k, v in summary.items() if k != "params"})
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return training.stage_main("cantus.tokenize.semantic.pretrain", __doc__, _arguments, _main,
+                               argv)
 
 
 if __name__ == "__main__":
