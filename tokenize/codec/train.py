@@ -253,15 +253,16 @@ def run(cfg: CodecParams, shards: str | Path, out: str | Path, work: str | Path,
                               "rng": rng_state(), "run_id": digest, "last": last})
     bar.close()
     seconds = round(time.time() - began, 1)
-    # train.json is a cached output: only what the inputs decide (no times, no resume point)
-    summary = {"steps": end, "run_id": digest, "final": last, "finished": end == t.steps}
+    # train.json is a cached output: only what the weights are (no times, no resume point,
+    # no run id: an edit that leaves the weights alone must leave the folder alone too)
+    summary = {"steps": end, "final": last, "finished": end == t.steps}
     if end == t.steps:
         write_samples(trainer.model, clips, work / "samples" / "final", metrics)
         summary["sha256"] = trainer.model.save(out)
         atomic_write_json(out / "train.json", summary)
     metrics.summary(seconds=seconds, resumed_from=start)  # uncached metrics.json
     metrics.close()
-    return {**summary, "resumed_from": start, "seconds": seconds}
+    return {**summary, "run_id": digest, "resumed_from": start, "seconds": seconds}
 
 
 def _arguments(p) -> None:

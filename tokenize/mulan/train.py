@@ -224,7 +224,7 @@ def run(cfg: MulanConfig, inputs: Inputs, out: str | Path, device: str = "cpu",
     if step >= t.steps and rank == 0:
         core.eval()
         summary["sha256"] = save_weights(core, out, cfg.model,
-                                         extra={"trained_steps": step, "run_id": want})
+                                         extra={"trained_steps": step})
     return summary
 
 
