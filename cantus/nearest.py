@@ -48,33 +48,24 @@ def distinct_rows(book: np.ndarray) -> np.ndarray:
 CANDIDATES = 8  # rows re-ranked exactly: the fast distance's error never skips this many
 
 
-def nearest_np(x: np.ndarray, book: np.ndarray, canon: np.ndarray | None = None) -> np.ndarray:
-    """int64[N]: index of the nearest row (squared L2) of ``book`` float[K, D] for each row of
-    ``x`` float[N, D]; of bit-equal rows, the first."""
-    canon = canonical_rows(book) if canon is None else canon
-    d = (x * x).sum(1, keepdims=True) - 2 * x @ book.T + (book * book).sum(1)[None]  # (N, K)
-    m = min(CANDIDATES, book.shape[0])
-    cand = canon[np.argpartition(d, m - 1, axis=1)[:, :m]] if m < book.shape[0] else \
-        np.broadcast_to(canon, d.shape)                                              # (N, m)
-    cand = np.sort(cand, axis=1)
-    diff = x.astype(np.float64)[:, None, :] - book.astype(np.float64)[cand]           # (N, m, D)
-    exact = np.einsum("nmd,nmd->nm", diff, diff)
-    return np.take_along_axis(cand, exact.argmin(axis=1)[:, None], 1)[:, 0]
+def canonical_torch(book: torch.Tensor) -> torch.Tensor:
+    """``canonical_rows`` of a tensor, as an int64 tensor on the tensor's device."""
+    return torch.from_numpy(canonical_rows(book.detach().float().cpu().numpy())).to(book.device)
 
 
 def nearest_torch(x: torch.Tensor, book: torch.Tensor, canon: torch.Tensor
                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``nearest_np`` for tensors: ids int64[N] and their squared distances float32[N].
-
-    ``canon`` is ``canonical_rows(book)`` as a tensor on ``book``'s device.
+    """Index of the nearest row (squared L2) of ``book`` float[K, D] for each row of ``x``
+    float[N, D], of bit-equal rows the first: ids int64[N] and their squared distances
+    float32[N]. ``canon`` is ``canonical_torch(book)``.
     """
     m = min(CANDIDATES, book.shape[0])
-    sq = book.pow(2).sum(1)[None]                                                 # (1, K)
+    sq, book64 = book.pow(2).sum(1)[None], book.double()                         # (1, K)
     ids, dist = [], []
     for part in x.split(max(1, (1 << 22) // (m * max(1, book.shape[1])))):  # <= 32 MB float64
         d = part.pow(2).sum(1, keepdim=True) - 2 * part @ book.T + sq           # (n, K)
         cand = canon[d.topk(m, dim=1, largest=False).indices].sort(dim=1).values  # (n, m)
-        exact = (part.double()[:, None, :] - book.double()[cand]).pow(2).sum(-1)  # (n, m)
+        exact = (part.double()[:, None, :] - book64[cand]).pow(2).sum(-1)        # (n, m)
         best = exact.min(dim=1)  # first of equal minima: the lowest index, as cand is sorted
         ids.append(cand.gather(1, best.indices[:, None])[:, 0])
         dist.append(best.values.float())
@@ -83,8 +74,17 @@ def nearest_torch(x: torch.Tensor, book: torch.Tensor, canon: torch.Tensor
     return torch.cat(ids), torch.cat(dist)
 
 
+def nearest_np(x: np.ndarray, book: np.ndarray, canon: np.ndarray | None = None) -> np.ndarray:
+    """``nearest_torch`` on arrays: int64[N] ids (``canon`` as from ``canonical_rows``)."""
+    canon = canonical_rows(book) if canon is None else canon
+    ids, _ = nearest_torch(torch.from_numpy(np.ascontiguousarray(x, np.float32)),
+                           torch.from_numpy(np.ascontiguousarray(book, np.float32)),
+                           torch.from_numpy(canon))
+    return ids.numpy()
+
+
 class CanonicalCache:
-    """``canonical_rows`` of a torch codebook, recomputed only when the tensor changes."""
+    """``canonical_torch`` of a codebook, recomputed only when the tensor changes."""
 
     def __init__(self):
         self._key, self._canon = None, None
@@ -92,6 +92,5 @@ class CanonicalCache:
     def __call__(self, book: torch.Tensor) -> torch.Tensor:
         key = (book.data_ptr(), book._version, book.device, tuple(book.shape))
         if key != self._key:
-            rows = canonical_rows(book.detach().float().cpu().numpy())
-            self._canon, self._key = torch.from_numpy(rows).to(book.device), key
+            self._canon, self._key = canonical_torch(book), key
         return self._canon

@@ -58,11 +58,11 @@ def remove_unplanned(folder: str | Path, planned: Iterable[str]) -> list[str]:
     reader globbing the folder would pick up. Returns the names removed."""
     import re
 
-    keep = {Path(n).name[: -len(".tar")] if n.endswith(".tar") else Path(n).name for n in planned}
+    keep = {Path(n).stem for n in planned}
     gone = []
     for p in sorted(Path(folder).glob("*-*")):
-        stem, ext = p.name.rsplit(".", 1) if "." in p.name else (p.name, "")
-        if ext in ("tar", "json") and re.fullmatch(r"[a-z]+-\d{6}", stem) and stem not in keep:
+        if (p.suffix in (".tar", ".json") and re.fullmatch(r"[a-z]+-\d{6}", p.stem)
+                and p.stem not in keep):
             p.unlink()
             gone.append(p.name)
     if gone:
@@ -129,16 +129,32 @@ def member_names(path: str | Path) -> list[str]:
         return [m.name for m in tar]
 
 
-def iter_samples(path: str | Path, fields: tuple[str, ...] | None = None
+def read_hashed(path: str | Path) -> tuple[bytes, str]:
+    """A whole shard's bytes and their sha256, from one read (pass the bytes to
+    ``iter_samples``)."""
+    import hashlib
+
+    fs, p = _fs(path)
+    with fs.open(p, "rb") as f:
+        data = f.read()
+    return data, hashlib.sha256(data).hexdigest()
+
+
+def iter_samples(path: str | Path | bytes, fields: tuple[str, ...] | None = None
                  ) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Read ``(key, {field: bytes})`` samples back from a shard, in order.
+    """Read ``(key, {field: bytes})`` samples back from a shard (its path, or its bytes
+    from ``read_hashed``), in order.
 
     ``fields`` limits which members are read (the others are skipped unread).
     """
-    fs, p = _fs(path)
     want = set(fields) if fields is not None else None
     key, found = None, {}
-    with fs.open(p, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
+    if isinstance(path, bytes):
+        opened = io.BytesIO(path)
+    else:
+        fs, p = _fs(path)
+        opened = fs.open(p, "rb")
+    with opened as f, tarfile.open(fileobj=f, mode="r:") as tar:
         for m in tar:
             k, _, field = m.name.partition(".")
             if key is not None and k != key:

@@ -59,10 +59,10 @@ def align(acoustic, semantic):
 
 def pack_shard(audio_path: Path, folders: dict[str, Path], out: Path) -> dict[str, Any]:
     name = audio_path.name
-    digest = shards.sha256(audio_path)
+    data, digest = shards.read_hashed(audio_path)  # one read: the identity and the metadata
     tokens = {f: _field_tokens(folders[f], name, f, digest) for f in FIELDS}
     samples, rows, rejects = [], [], []
-    for key, fields in shards.iter_samples(audio_path, fields=("json",)):
+    for key, fields in shards.iter_samples(data, fields=("json",)):
         meta = json.loads(fields["json"])
         missing = [f for f in FIELDS if key not in tokens[f]]
         if missing:

@@ -73,7 +73,8 @@ def decode_shard(path: str, sample_rate: int) -> dict[str, Any]:
     from cantus.audio import decode_sample
 
     keys, wavs, rejects = [], [], []
-    for key, fields in shards.iter_samples(path):
+    data, digest = shards.read_hashed(path)  # one read: the identity and the samples
+    for key, fields in shards.iter_samples(data):
         try:
             x, meta = decode_sample(fields)
             wavs.append(audio.resample(x, int(meta["sample_rate"]), sample_rate))
@@ -81,7 +82,7 @@ def decode_shard(path: str, sample_rate: int) -> dict[str, Any]:
         except Exception as e:  # a damaged sample must not stop the shard
             rejects.append({"key": key, "reason": "decode_error", "detail": f"{path}: {e}"})
     return {"path": path, "keys": keys, "wavs": wavs, "rejects": rejects,
-            "input_sha256": shards.sha256(path)}
+            "input_sha256": digest}
 
 
 def warm_decoder() -> None:

@@ -36,7 +36,7 @@ from cantus import audio, shards
 from cantus.training import resolve_device
 from cantus.audio_stream import decode_sample, shard_paths
 from cantus.config import ConfigError, load_section, to_dict
-from cantus.nearest import CanonicalCache, nearest_torch
+from cantus.nearest import canonical_torch, nearest_torch
 from cantus.tokenize.semantic import model as sm
 from cantus.tokenize.semantic.pretrain import model_dir
 
@@ -126,7 +126,7 @@ class Codebook:
         self.centroids = torch.as_tensor(centroids, dtype=torch.float32, device=device)
         self.mean = torch.as_tensor(mean, dtype=torch.float32, device=device)
         self.std = torch.as_tensor(std, dtype=torch.float32, device=device)
-        self._canon = CanonicalCache()(self.centroids)
+        self._canon = canonical_torch(self.centroids)
 
     @property
     def size(self) -> int:
