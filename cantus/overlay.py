@@ -38,10 +38,8 @@ SECTIONS: dict[str, str] = {
     "demo": "cantus.ingest.params:DemoConfig",
     "ingest": "cantus.ingest.params:IngestConfig",
     "mulan": "cantus.tokenize.mulan.params:MulanConfig",
-    "semantic_model": "cantus.tokenize.semantic.model:SemanticModelConfig",
-    "semantic_kmeans": "cantus.tokenize.semantic.kmeans:KMeansConfig",
-    "codec": "cantus.tokenize.codec.train:CodecParams",
-    "codec_eval": "cantus.tokenize.codec.evaluate:EvalConfig",
+    "semantic": "cantus.tokenize.semantic.params:SemanticConfig",
+    "codec": "cantus.tokenize.codec.params:CodecSection",
     "lm": "cantus.train.stage:LMConfig",
     "tokenize": "cantus.tokenize.run:TokenizeConfig",
     "generate": "cantus.generate.run:GenerateConfig",
@@ -111,7 +109,7 @@ def check_consistency(params: dict[str, Any]) -> None:
     lm, codec = params["lm"]["tokens"], params["codec"]["model"]
     k = lm["codebook_size"]
     for key, value in (("codec.model.codebook_size", codec["codebook_size"]),
-                       ("semantic_kmeans.clusters", params["semantic_kmeans"]["clusters"]),
+                       ("semantic.kmeans.clusters", params["semantic"]["kmeans"]["clusters"]),
                        ("mulan.rvq.codebook_size", params["mulan"]["rvq"]["codebook_size"])):
         if value != k:
             raise ConfigError(f"'{key}' is {value} but lm.tokens.codebook_size is {k}: "
@@ -128,10 +126,10 @@ def check_consistency(params: dict[str, Any]) -> None:
         raise ConfigError(f"'lm.tokens.expect.acoustic.frame_rate' is {want} but the codec "
                           f"runs at {rate} frames/s")
     want = expect.get("semantic", {}).get("frame_rate")
-    have = params["semantic_kmeans"]["token_rate"]
+    have = params["semantic"]["kmeans"]["token_rate"]
     if want is not None and want != have:
         raise ConfigError(f"'lm.tokens.expect.semantic.frame_rate' is {want} but "
-                          f"semantic_kmeans.token_rate is {have}")
+                          f"semantic.kmeans.token_rate is {have}")
     chunk = params["ingest"]["chunk_seconds"]
     for stage in ("semantic", "coarse", "fine"):
         crop = params["lm"][stage]["crop_seconds"]

@@ -87,6 +87,7 @@ def tiny_tokenizer_models(tmp: Path, audio_dir: Path, codec_cfg=None) -> dict[st
 
     from cantus.tokenize.semantic import kmeans as sk
     from cantus.tokenize.semantic import model as sm
+    from cantus.tokenize.semantic.params import KMeansConfig
     from cantus.tokenize.codec.model import CodecConfig, SoundStream
     from cantus.tokenize.mulan.model import build_mulan
     from cantus.tokenize.mulan.params import MulanModelConfig
@@ -104,7 +105,7 @@ def tiny_tokenizer_models(tmp: Path, audio_dir: Path, codec_cfg=None) -> dict[st
     models["semantic"].mkdir()
     (models["semantic"] / "manifest.json").write_text(json.dumps(
         {"source": "checkpoint", "checkpoint": str(ckpt), "hash": sm.checkpoint_hash(ckpt)}))
-    sk.run(sk.KMeansConfig(layer=0, token_rate=25, clusters=8, max_frames=400, iterations=5,
+    sk.run(KMeansConfig(layer=0, token_rate=25, clusters=8, max_frames=400, iterations=5,
                            restarts=1, seed=0, batch_size=2, device="cpu"),
            models["semantic"], audio_dir, models["semantic_kmeans"])
     mulan = build_mulan(MulanModelConfig.tiny(), seed=0).eval()

@@ -10,7 +10,7 @@ import torch
 from cantus.config import ConfigError, from_dict, load_section
 from cantus.tokenize.codec import evaluate as eval_codec
 from cantus.tokenize.codec import train as train_codec
-from cantus.tokenize.codec.losses import DiscConfig
+from cantus.tokenize.codec.params import CodecParams, CodecSection, DiscConfig
 from cantus.tokenize.codec.model import CodecConfig, SoundStream
 from cantus.tokenize.codec.rvq import ResidualVQ
 from conftest import ROOT, audio_shards, melody
@@ -18,8 +18,8 @@ from conftest import ROOT, audio_shards, melody
 torch.set_num_threads(1)
 
 
-def _tiny_params(**train) -> train_codec.CodecParams:
-    base = load_section(ROOT / "params.yaml", "codec", train_codec.CodecParams)
+def _tiny_params(**train) -> CodecParams:
+    base = load_section(ROOT / "params.yaml", "codec", CodecSection).training()
     t = dataclasses.replace(base.train, steps=6, batch_size=2, crop_seconds=0.2, warmup_steps=2,
                             adversarial_start=3, checkpoint_every=2, log_every=1,
                             sample_every=0, sample_chunks=1, sample_seconds=0.5, num_workers=0,
@@ -265,8 +265,8 @@ def test_resume_equals_uninterrupted(shard_dir, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert full["final"] == rest["final"]
     assert (tmp_path / "wa" / "samples" / "final" / "spectrograms.png").is_file()
-    ecfg = dataclasses.replace(load_section(ROOT / "params.yaml", "codec_eval",
-                                            eval_codec.EvalConfig), split="train", max_chunks=2,
+    ecfg = dataclasses.replace(load_section(ROOT / "params.yaml", "codec",
+                                            CodecSection).eval, split="train", max_chunks=2,
                                max_seconds=1.0, device="cpu")
     m = eval_codec.run(ecfg, shard_dir, tmp_path / "a", tmp_path / "m.json")
     assert m["codec_6kbps"]["n_q"] == 4 and len(m["usage"]["perplexity"]) == 4

@@ -51,8 +51,8 @@ def test_scalar_over_a_section_is_refused():
 def test_sizes_that_must_agree_are_checked(params, tmp_path):
     before = params.read_bytes()
     # a K for the semantic tokens alone: the LM trainer would refuse the token shards
-    bad = _write(tmp_path / "k.yaml", {"semantic_kmeans": {"clusters": 512}})
-    with pytest.raises(ConfigError, match=r"semantic_kmeans\.clusters"):
+    bad = _write(tmp_path / "k.yaml", {"semantic": {"kmeans": {"clusters": 512}}})
+    with pytest.raises(ConfigError, match=r"semantic\.kmeans\.clusters"):
         apply(bad, params)
     bad = _write(tmp_path / "nq.yaml", {"codec": {"model": {"n_q": 8}}})
     with pytest.raises(ConfigError, match=r"codec\.model\.n_q"):
@@ -98,7 +98,7 @@ def test_the_overlays_pass_validation_of_every_section():
                                            "dropout": 0.1, "position": "t5"}
     assert (paper["codec"]["model"]["n_q"], paper["codec"]["model"]["codebook_size"]) == (12, 1024)
     assert (paper["mulan"]["rvq"]["levels"], paper["mulan"]["rvq"]["codebook_size"]) == (12, 1024)
-    assert paper["semantic_model"]["size"] == "paper"
+    assert paper["semantic"]["model"]["size"] == "paper"
     assert paper["ingest"]["chunk_seconds"] == 30
 
 

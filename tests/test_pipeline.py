@@ -194,7 +194,7 @@ def test_kmeans_k_reruns_only_what_depends_on_it(run_dir, tmp_path):
     """Last: leaves the workspace on the experiment. Only the tokenizer stages are run:
     the LM stages require one K for every codebook (lm.tokens.codebook_size)."""
     codec = tree_digest(run_dir / "models/codec")
-    log = dvc(run_dir, "exp", "run", "-S", "semantic_kmeans.clusters=8",
+    log = dvc(run_dir, "exp", "run", "-S", "semantic.kmeans.clusters=8",
               "tokenize_pack", "semantic_eval")
     assert ran(log) == {"semantic_kmeans", "semantic_eval", "tokenize_semantic", "tokenize_pack"}
     assert "Stage 'codec_train' didn't change, skipping" in log

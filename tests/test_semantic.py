@@ -12,6 +12,7 @@ from cantus.config import ConfigError, from_dict, load_section, to_dict
 from cantus.tokenize.semantic import kmeans as sk
 from cantus.tokenize.semantic import evaluate as smet
 from cantus.tokenize.semantic import model as sm
+from cantus.tokenize.semantic import params as sparams
 from cantus.tokenize.semantic import pretrain as sp
 from conftest import ROOT, audio_shards, melody
 
@@ -23,16 +24,17 @@ PRETRAIN = dict(seed=0, steps=4, batch_size=2, crop_seconds=1.0, lr=3e-3, warmup
                 device="cpu")
 
 
-def _model_cfg(**kw):
-    p = sm.PretrainConfig(**{**PRETRAIN, **kw})
-    return sm.SemanticModelConfig(checkpoint="", size="tiny", utterance_norm=False, pretrain=p)
-
-
 def _kmeans_cfg(**kw):
     base = dict(layer=0, token_rate=25, clusters=8, max_frames=400, iterations=10, restarts=1,
-                seed=0,
-                batch_size=2, device="cpu")
-    return sk.KMeansConfig(**{**base, **kw})
+                seed=0, batch_size=2, device="cpu")
+    return sparams.KMeansConfig(**{**base, **kw})
+
+
+def _model_cfg(checkpoint: str = "", **kw) -> sparams.SemanticConfig:
+    return sparams.SemanticConfig(
+        model=sparams.WeightsConfig(checkpoint=checkpoint, size="tiny", utterance_norm=False),
+        pretrain=sparams.PretrainConfig(**{**PRETRAIN, **kw}), kmeans=_kmeans_cfg(),
+        eval=sparams.EvalConfig(batch_size=2, device="cpu"))
 
 
 @pytest.fixture(scope="module")
@@ -108,17 +110,16 @@ def test_bad_audio_and_settings_fail_clearly(tiny_model):
         sm.FeatureExtractor(tiny_model, layer=9)
     with pytest.raises(ValueError, match="divide"):
         sm.FeatureExtractor(tiny_model, token_rate=30)
-    with pytest.raises(ConfigError, match="semantic_kmeans.clusterz"):
-        from_dict(sk.KMeansConfig, {**dataclasses.asdict(_kmeans_cfg()), "clusterz": 3},
-                  "semantic_kmeans")
+    with pytest.raises(ConfigError, match="semantic.kmeans.clusterz"):
+        from_dict(sparams.KMeansConfig, {**dataclasses.asdict(_kmeans_cfg()), "clusterz": 3},
+                  "semantic.kmeans")
 
 
 def test_params_sections_load():
-    m = load_section(ROOT / "params.yaml", "semantic_model", sm.SemanticModelConfig)
-    k = load_section(ROOT / "params.yaml", "semantic_kmeans", sk.KMeansConfig)
+    cfg = load_section(ROOT / "params.yaml", "semantic", sparams.SemanticConfig)
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     # every key as written (the validators themselves are tested with bad values above)
-    assert to_dict(m) == raw["semantic_model"] and to_dict(k) == raw["semantic_kmeans"]
+    assert to_dict(cfg) == raw["semantic"]
 
 
 def test_kmeans_recovers_synthetic_clusters():
@@ -217,7 +218,7 @@ def test_pretraining_resumes_exactly(shard_dir, tmp_path):
 
 def test_local_checkpoint_loads_and_gives_the_same_features(tiny_model, local_checkpoint,
                                                              tmp_path):
-    cfg = dataclasses.replace(_model_cfg(), checkpoint=str(local_checkpoint))
+    cfg = _model_cfg(checkpoint=str(local_checkpoint))
     summary = sp.run(cfg, "unused", tmp_path / "model", tmp_path / "ck")
     assert summary["source"] == "checkpoint" and summary["hash"] == sm.checkpoint_hash(
         local_checkpoint)
@@ -232,7 +233,7 @@ def test_local_checkpoint_loads_and_gives_the_same_features(tiny_model, local_ch
 
 
 def test_kmeans_stage_tokens_survive_save_and_reload(shard_dir, local_checkpoint, tmp_path):
-    mcfg = dataclasses.replace(_model_cfg(), checkpoint=str(local_checkpoint))
+    mcfg = _model_cfg(checkpoint=str(local_checkpoint))
     sp.run(mcfg, shard_dir, tmp_path / "model", tmp_path / "ck")
     cfg = _kmeans_cfg()
     manifest = sk.run(cfg, tmp_path / "model", shard_dir, tmp_path / "km")
@@ -248,7 +249,7 @@ def test_kmeans_stage_tokens_survive_save_and_reload(shard_dir, local_checkpoint
     assert np.array_equal(first, again)
     refit = sk.run(cfg, tmp_path / "model", shard_dir, tmp_path / "km2")  # seeded: same fit
     assert refit["centroid_hash"] == manifest["centroid_hash"]
-    result = smet.run(cfg, tmp_path / "model", tmp_path / "km", shard_dir)
+    result = smet.run(mcfg, tmp_path / "model", tmp_path / "km", shard_dir)
     for name in ("semantic", "logmel"):
         for split in ("train", "valid"):
             r = result[name][split]

@@ -31,7 +31,7 @@ def _trainers():
     return [
         (codec.main, ["--audio", "a", "--out", "o", "--checkpoints", "c"], ("codec", "train")),
         (semantic.main, ["--audio", "a", "--out", "o", "--checkpoints", "c"],
-         ("semantic_model", "pretrain")),
+         ("semantic", "pretrain")),
         (mulan.main, ["--audio", "a", "--out", "o", "--checkpoints", "c"], ("mulan", "train")),
         (lm.main, ["--stage", "coarse", "--tokens", "t", "--out", "o", "--checkpoints", "c"],
          ("lm", "coarse", "train")),

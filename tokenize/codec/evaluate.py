@@ -1,7 +1,7 @@
 """Evaluate a trained codec against Opus on the valid split.
 
 Goes in: a codec folder (``--model``: ``model.safetensors`` + ``config.json``),
-audio shards (``--shards``: ``valid-*.tar``) and the ``codec_eval`` section of
+audio shards (``--shards``: ``valid-*.tar``) and the ``codec.eval`` section of
 params.yaml. Comes out: a metrics JSON (``--out``) with, for the codec at each
 bitrate in ``bitrates_kbps`` and for Opus at ``opus_kbps`` (libopus through
 PyAV, on the same audio):
@@ -25,7 +25,6 @@ import argparse
 import io
 import logging
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,30 +35,10 @@ from cantus.audio import resample
 from cantus.audio_stream import load_all, shard_paths
 from cantus.config import ConfigError, load_section
 from cantus.shards import atomic_write_json
+from cantus.tokenize.codec.params import CodecSection, EvalConfig
 
 log = logging.getLogger(__name__)
 WINDOWS = (512, 1024, 2048)
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    """The ``codec_eval`` section of params.yaml."""
-
-    split: str                       # shards evaluated ("valid")
-    bitrates_kbps: tuple[float, ...]  # codec bitrates (n_q = kbps / per-level kbps)
-    opus_kbps: float                 # the Opus baseline's bitrate
-    max_chunks: int                  # at most this many chunks (0: all)
-    max_seconds: float               # first seconds of each chunk (0: whole chunk)
-    batch_size: int
-    device: str                      # "auto", "cpu" or "cuda"
-
-    def __post_init__(self):
-        if not self.bitrates_kbps or min(self.bitrates_kbps) <= 0:
-            raise ConfigError("'codec_eval.bitrates_kbps' must list positive bitrates")
-        if self.opus_kbps < 6 or self.opus_kbps > 510:
-            raise ConfigError("'codec_eval.opus_kbps' must be in [6, 510] (libopus range)")
-        if self.batch_size < 1:
-            raise ConfigError("'codec_eval.batch_size' must be at least 1")
 
 
 def _mels(rate: int) -> list:
@@ -239,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        cfg = load_section(args.params, "codec_eval", EvalConfig)
+        cfg = load_section(args.params, "codec", CodecSection).eval
         result = run(cfg, args.audio, args.model, args.out)
     except (ConfigError, FileNotFoundError) as e:
         print(f"cantus eval_codec: {e}", file=sys.stderr)

@@ -11,29 +11,12 @@ sizes ``2^6 .. 2^11``, as in the SoundStream paper) and a time-domain L1.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cantus.config import ConfigError
-
-
-@dataclass(frozen=True)
-class DiscConfig:
-    """Discriminator sizes (section ``codec.disc``)."""
-
-    scales: int           # waveform discriminators (paper: 3, at 1x, 1/2x, 1/4x)
-    wave_channels: int    # first-layer channels of each waveform discriminator
-    stft_channels: int    # first-layer channels of the STFT discriminator
-    stft_window: int      # STFT discriminator window (paper: 1024, hop 256)
-
-    def __post_init__(self):
-        if self.scales < 1 or self.wave_channels < 1 or self.stft_channels < 1:
-            raise ConfigError("'codec.disc' sizes must be positive")
-        if self.stft_window < 16 or self.stft_window & (self.stft_window - 1):
-            raise ConfigError("'codec.disc.stft_window' must be a power of two >= 16")
+from cantus.tokenize.codec.params import DiscConfig
 
 
 def _lrelu(x: torch.Tensor) -> torch.Tensor:

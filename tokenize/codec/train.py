@@ -2,7 +2,7 @@
 
 Goes in: the ingest stage's audio shards (``--shards``: ``train-*.tar`` for
 training, the first ``valid-*.tar`` chunks for reconstruction samples) and the
-``codec`` section of params.yaml. Comes out:
+``codec`` section of params.yaml (``model``, ``disc``, ``loss``, ``train``). Comes out:
 
 - ``--out``: ``model.safetensors`` + ``config.json`` (load with
   ``SoundStream.load(out)``) and ``train.json`` (steps, run id, final losses;
@@ -23,79 +23,21 @@ import json
 import logging
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from cantus.audio_stream import AudioBatches, load_all, shard_paths
-from cantus.config import ConfigError, config_hash, load_section
+from cantus.config import config_hash, load_section
 from cantus.shards import atomic_write_json
 from cantus.tokenize.codec import losses as L
-from cantus.tokenize.codec.model import CodecConfig, SoundStream
+from cantus.tokenize.codec.model import SoundStream
+from cantus.tokenize.codec.params import CodecParams, CodecSection, TrainConfig
 from cantus.training import (Checkpoints, Metrics, progress, resolve_device, rng_state, run_id,
                              set_rng_state, stage_main, warmup_cosine)
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class LossWeights:
-    """Loss weights (paper: adversarial 1, feature 100, reconstruction 1)."""
-
-    adversarial: float
-    feature: float
-    reconstruction: float     # multi-scale log-mel L1
-    waveform: float           # time-domain L1, relative to the mean |amplitude|
-    commitment: float
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    seed: int
-    device: str               # "auto" (CUDA when present), "cpu" or "cuda"
-    threads: int              # torch CPU threads (0: torch's default)
-    steps: int                # total generator steps (the demo's time budget)
-    batch_size: int
-    crop_seconds: float       # random crop length per example
-    lr: float                 # generator AdamW peak learning rate
-    disc_lr: float            # discriminator AdamW peak learning rate
-    betas: tuple[float, ...]  # AdamW betas (GAN practice: 0.5, 0.9)
-    weight_decay: float
-    warmup_steps: int         # linear learning-rate warm-up, then cosine to 10%
-    adversarial_start: int    # reconstruction-only steps before the GAN losses switch on
-    grad_clip: float          # max gradient norm (0: off)
-    num_workers: int          # DataLoader workers (0: in-process)
-    shuffle_buffer: int
-    checkpoint_every: int
-    keep_checkpoints: int
-    log_every: int
-    sample_every: int         # reconstruction samples every N steps (0: only at the end)
-    sample_chunks: int        # fixed validation chunks rendered
-    sample_seconds: float     # seconds of each rendered
-
-    def __post_init__(self):
-        p = "codec.train"
-        for key in ("steps", "batch_size", "checkpoint_every", "log_every", "keep_checkpoints"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"'{p}.{key}' must be at least 1")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ConfigError(f"'{p}.device' must be auto, cpu or cuda, got {self.device!r}")
-        if self.crop_seconds <= 0 or self.lr <= 0 or self.disc_lr <= 0:
-            raise ConfigError(f"'{p}.crop_seconds', lr and disc_lr must be positive")
-        if len(self.betas) != 2:
-            raise ConfigError(f"'{p}.betas' must be two numbers")
-
-
-@dataclass(frozen=True)
-class CodecParams:
-    """The ``codec`` section of params.yaml."""
-
-    model: CodecConfig
-    disc: L.DiscConfig
-    loss: LossWeights
-    train: TrainConfig
 
 
 class Trainer:
@@ -273,7 +215,7 @@ def _arguments(p) -> None:
 
 
 def _main(args) -> None:
-    s = run(load_section(args.params, "codec", CodecParams), args.audio, args.out,
+    s = run(load_section(args.params, "codec", CodecSection).training(), args.audio, args.out,
             args.checkpoints, args.live)
     print(f"codec_train: {s['steps']} steps (resumed from {s['resumed_from']}) in "
           f"{s['seconds']} s -> {args.out}; " + json.dumps(s["final"]))

@@ -1,7 +1,7 @@
 """How much musical information the semantic tokens carry, against a log-mel baseline.
 
 Goes in: the pretraining stage output, the fitted codebook, the audio shards
-(train and valid) and the ``semantic_kmeans`` params. Comes out: a metrics JSON
+(train and valid) and the ``semantic.kmeans`` and ``semantic.eval`` params. Comes out: a metrics JSON
 with, per split, the tokens' inertia (mean squared normalised distance to the
 centroid), fraction of clusters used and code perplexity, and the
 phone-purity-style measures against the shard JSON tags: cluster purity and
@@ -31,6 +31,7 @@ from cantus.audio_stream import shard_paths
 from cantus.config import load_section
 from cantus.tokenize.semantic import kmeans as sk
 from cantus.tokenize.semantic import model as sm
+from cantus.tokenize.semantic.params import SemanticConfig
 
 log = logging.getLogger(__name__)
 N_MELS = 80
@@ -103,28 +104,29 @@ def evaluate(codebook: sk.Codebook, clips: list[tuple[np.ndarray, dict]]) -> dic
     return out
 
 
-def run(cfg: sk.KMeansConfig, model_out: str | Path, codebook_dir: str | Path,
+def run(cfg: SemanticConfig, model_out: str | Path, codebook_dir: str | Path,
         shards_dir: str | Path) -> dict[str, Any]:
     """Metrics of the semantic tokens and of the log-mel baseline on train and valid."""
-    tok = sk.SemanticTokenizer(model_out, codebook_dir, cfg.device)
+    km = cfg.kmeans
+    tok = sk.SemanticTokenizer(model_out, codebook_dir, cfg.eval.device)
     splits = {s: shard_paths(shards_dir, s) for s in ("train", "valid")}
 
     def semantic(paths):
-        for f, m in sk.iter_features(tok.extractor, sk.iter_clips(paths), cfg.batch_size):
+        for f, m in sk.iter_features(tok.extractor, sk.iter_clips(paths), cfg.eval.batch_size):
             yield f.cpu().numpy(), m
 
     def mel(paths):
         for x, m in sk.iter_clips(paths):
-            if sm.num_frames(len(x), cfg.token_rate) >= 1:
-                yield logmel(x, cfg.token_rate), m
+            if sm.num_frames(len(x), km.token_rate) >= 1:
+                yield logmel(x, km.token_rate), m
 
-    result: dict[str, Any] = {"clusters": cfg.clusters, "layer": tok.extractor.layer,
+    result: dict[str, Any] = {"clusters": km.clusters, "layer": tok.extractor.layer,
                               "model_hash": tok.manifest["model_hash"]}
     for name, featurise, codebook in (("semantic", semantic, tok.codebook),
                                       ("logmel", mel, None)):
         data = {s: _split_features(featurise, p) for s, p in splits.items()}
         if codebook is None:
-            codebook, _ = sk.fit((f for f, _ in data["train"]), cfg)
+            codebook, _ = sk.fit((f for f, _ in data["train"]), km)
         result[name] = {s: evaluate(codebook, d) for s, d in data.items()}
     for s in splits:
         result[f"{s}_pnmi_instrument_gain"] = (result["semantic"][s]["pnmi_instrument"]
@@ -141,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, help="metrics JSON")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    cfg = load_section(args.params, "semantic_kmeans", sk.KMeansConfig)
+    cfg = load_section(args.params, "semantic", SemanticConfig)
     result = run(cfg, args.model, args.codebook, args.audio)
     shards.atomic_write_json(args.out, result)
     for s in ("train", "valid"):

@@ -2,7 +2,7 @@
 
 Goes in: the pretraining stage's output (``models/semantic``: weights, or a
 manifest naming a local checkpoint), the train split of the audio shards and
-the ``semantic_kmeans`` params. Comes out, in ``--out``:
+the ``semantic.kmeans`` params. Comes out, in ``--out``:
 ``codebook.safetensors`` (``centroids`` float32[K, D], per-dimension ``mean``
 and ``std`` float32[D] of the fitting sample) and ``manifest.json`` (model
 checkpoint hash, layer, token rate, K, seed, centroid hash, frames seen and
@@ -25,7 +25,6 @@ import hashlib
 import json
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,37 +34,13 @@ import torch
 from cantus import audio, shards
 from cantus.training import resolve_device
 from cantus.audio_stream import decode_sample, shard_paths
-from cantus.config import ConfigError, load_section, to_dict
+from cantus.config import load_section, to_dict
 from cantus.nearest import canonical_torch, nearest_torch
 from cantus.tokenize.semantic import model as sm
+from cantus.tokenize.semantic.params import KMeansConfig, SemanticConfig
 from cantus.tokenize.semantic.pretrain import model_dir
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class KMeansConfig:
-    """Features and clustering of the semantic tokens (section ``semantic_kmeans``)."""
-
-    layer: int                # 1-based conformer layer; 0 = MusicLM's depth (default_layer)
-    token_rate: int           # frames per second of the tokens (divides 50)
-    clusters: int             # K
-    max_frames: int           # reservoir size: frames the fit sees at most
-    iterations: int           # k-means iterations
-    restarts: int             # k-means runs from different seeds; the best is kept
-    seed: int
-    batch_size: int           # clips per feature forward pass
-    device: str               # "auto", "cpu", "cuda", ...
-
-    def __post_init__(self):
-        for key, ok in (("clusters", self.clusters >= 2), ("max_frames", self.max_frames >= 2),
-                        ("iterations", self.iterations >= 1), ("restarts", self.restarts >= 1),
-                        ("batch_size", self.batch_size >= 1),
-                        ("token_rate", self.token_rate >= 1 and 50 % self.token_rate == 0)):
-            if not ok:
-                raise ConfigError(f"'semantic_kmeans.{key}' has a bad value")
-        if self.max_frames < self.clusters:
-            raise ConfigError("'semantic_kmeans.max_frames' must be at least clusters")
 
 
 class Reservoir:
@@ -271,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, help="codebook folder")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    cfg = load_section(args.params, "semantic_kmeans", KMeansConfig)
+    cfg = load_section(args.params, "semantic", SemanticConfig).kmeans
     summary = run(cfg, args.model, args.audio, args.out)
     print({k: v for k, v in summary.items() if k != "params"})
     return 0

@@ -17,14 +17,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
-
-from cantus.config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -40,68 +36,6 @@ SIZES = {
     "paper": dict(hidden=1024, contrastive=12, mlm=12, heads=16, ffn=4096, kernel=31),
 }
 PAPER_LAYER = 12 + 7         # "the 7th layer of the MLM module" of w2v-BERT XL
-
-
-def _require(ok: bool, key: str, why: str) -> None:
-    if not ok:
-        raise ConfigError(f"'{key}' {why}")
-
-
-@dataclass(frozen=True)
-class PretrainConfig:
-    """w2v-BERT self-supervised pretraining on the audio shards."""
-
-    seed: int
-    steps: int                  # optimiser steps
-    batch_size: int
-    crop_seconds: float         # random crop per example
-    lr: float                   # peak AdamW learning rate
-    warmup_steps: int           # linear warm-up, then cosine decay to 10%
-    weight_decay: float
-    grad_clip: float            # max gradient norm (0: off)
-    mask_prob: float            # probability a 50 Hz frame starts a masked span
-    mask_length: int            # span length in frames
-    codebook_size: int          # entries of the learned quantiser (= MLM classes)
-    codevector_dim: int         # width of the quantised targets
-    num_negatives: int          # contrastive distractors per masked frame
-    temperature: float          # contrastive softmax temperature
-    gumbel_start: float         # Gumbel-softmax temperature, annealed linearly
-    gumbel_end: float
-    diversity_weight: float     # weight of the codebook-diversity loss
-    mlm_weight: float           # weight of the masked-prediction cross-entropy
-    dropout: float              # hidden and attention dropout of the conformer
-    checkpoint_every: int       # steps between resumable checkpoints
-    keep_checkpoints: int
-    log_every: int              # steps between metric log lines
-    num_workers: int            # DataLoader workers for the audio stream
-    device: str                 # "auto", "cpu", "cuda", ...
-
-    def __post_init__(self):
-        p = "semantic_model.pretrain"
-        _require(self.steps >= 0, f"{p}.steps", "must be >= 0")
-        _require(self.batch_size >= 1, f"{p}.batch_size", "must be at least 1")
-        _require(self.crop_seconds > 0, f"{p}.crop_seconds", "must be positive")
-        _require(0 < self.mask_prob < 1, f"{p}.mask_prob", "must be in (0, 1)")
-        _require(self.mask_length >= 1, f"{p}.mask_length", "must be at least 1")
-        _require(self.codebook_size >= 2, f"{p}.codebook_size", "must be at least 2")
-        _require(self.num_negatives >= 1, f"{p}.num_negatives", "must be at least 1")
-        _require(self.temperature > 0, f"{p}.temperature", "must be positive")
-        _require(self.gumbel_start >= self.gumbel_end > 0, f"{p}.gumbel_end",
-                 "must be positive and at most gumbel_start")
-        _require(self.checkpoint_every >= 1, f"{p}.checkpoint_every", "must be at least 1")
-
-
-@dataclass(frozen=True)
-class SemanticModelConfig:
-    """Where the w2v-BERT weights come from (section ``semantic_model``)."""
-
-    checkpoint: str             # local HF checkpoint folder; "" = pretrain on our shards
-    size: Literal["tiny", "demo", "paper"]
-    utterance_norm: bool        # front end normalises each mel bin per clip (w2v-BERT 2.0 does)
-    pretrain: PretrainConfig
-
-    def __post_init__(self):
-        _require(self.size in SIZES, "semantic_model.size", f"must be one of {list(SIZES)}")
 
 
 def build(size: str, dropout: float = 0.0, utterance_norm: bool = True):

@@ -1,10 +1,10 @@
 """Self-supervised w2v-BERT pretraining on the audio shards (or record a given checkpoint).
 
-Goes in: the train split of the ingest audio shards and the ``semantic_model``
+Goes in: the train split of the ingest audio shards and the ``semantic.model``
 params. Comes out, in ``--out``: the model in transformers' format
 (``config.json`` + ``model.safetensors``, loadable like any local checkpoint)
 and ``manifest.json`` (source, checkpoint hash, steps, final losses). With
-``semantic_model.checkpoint`` set, nothing is trained: the manifest records that
+``semantic.model.checkpoint`` set, nothing is trained: the manifest records that
 folder and its hash, and the k-means stage loads the model from there.
 
 w2v-BERT's objectives: span masking of the projected input features; the
@@ -34,6 +34,7 @@ from cantus import audio, shards, training
 from cantus.audio_stream import AudioBatches, load_all, shard_paths
 from cantus.config import config_hash, load_section, to_dict
 from cantus.tokenize.semantic import model as sm
+from cantus.tokenize.semantic.params import PretrainConfig, SemanticConfig
 
 log = logging.getLogger(__name__)
 
@@ -124,11 +125,11 @@ def _contrastive(ctx, q, masked, k: int, temperature: float) -> torch.Tensor:
     return torch.stack(losses).mean()
 
 
-def _schedule(cfg: sm.PretrainConfig):
+def _schedule(cfg: PretrainConfig):
     return lambda step: training.warmup_cosine(step, cfg.warmup_steps, cfg.steps)
 
 
-def _tau(cfg: sm.PretrainConfig, step: int) -> float:
+def _tau(cfg: PretrainConfig, step: int) -> float:
     t = step / max(1, cfg.steps - 1)
     return cfg.gumbel_start + (cfg.gumbel_end - cfg.gumbel_start) * min(1.0, t)
 
@@ -140,7 +141,7 @@ def _batch_features(front: sm.FeatureExtractor, batch: dict, rate: int, device):
     return feats.to(device), attn.to(device).bool()
 
 
-def step_losses(model: W2VBert, feats, attn, cfg: sm.PretrainConfig, step: int):
+def step_losses(model: W2VBert, feats, attn, cfg: PretrainConfig, step: int):
     """Total loss and its parts for one batch (the span mask is drawn here)."""
     masked = span_mask(attn, cfg.mask_prob, cfg.mask_length)
     parts = model(feats, attn, masked, tau=_tau(cfg, step), negatives=cfg.num_negatives,
@@ -150,14 +151,14 @@ def step_losses(model: W2VBert, feats, attn, cfg: sm.PretrainConfig, step: int):
     return total, parts
 
 
-def pretrain(cfg: sm.SemanticModelConfig, train_shards: list[str], out: Path,
+def pretrain(cfg: SemanticConfig, train_shards: list[str], out: Path,
              checkpoints: Path, metrics: Path | None = None,
              stop_after: int | None = None) -> dict[str, Any]:
     """Train (or resume) and write the model to ``out``; ``stop_after`` simulates a crash."""
     p = cfg.pretrain
     device = training.resolve_device(p.device)
     torch.manual_seed(p.seed)
-    model = W2VBert(sm.build(cfg.size, p.dropout, cfg.utterance_norm), p.codebook_size, p.codevector_dim).to(device)
+    model = W2VBert(sm.build(cfg.model.size, p.dropout, cfg.model.utterance_norm), p.codebook_size, p.codevector_dim).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=p.lr, weight_decay=p.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(p))
     rate = load_all(train_shards[:1], limit=1)[0][1]["sample_rate"]
@@ -205,30 +206,30 @@ def pretrain(cfg: sm.SemanticModelConfig, train_shards: list[str], out: Path,
     return _export(model, cfg, out, step, last)
 
 
-def _export(model: W2VBert, cfg: sm.SemanticModelConfig, out: Path, step: int,
+def _export(model: W2VBert, cfg: SemanticConfig, out: Path, step: int,
             last: dict[str, float]) -> dict[str, Any]:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     out.mkdir(parents=True, exist_ok=True)
     model.backbone.to("cpu").save_pretrained(str(out))
-    summary = {"source": "pretrained", "checkpoint": str(out), "size": cfg.size,
+    summary = {"source": "pretrained", "checkpoint": str(out), "size": cfg.model.size,
                "hash": sm.checkpoint_hash(out), "steps": step, "final": last,
-               "params": to_dict(cfg)}
+               "params": _params(cfg)}
     shards.atomic_write_json(out / "manifest.json", summary)
     return summary
 
 
-def run(cfg: sm.SemanticModelConfig, shards_dir: str | Path, out: str | Path,
+def run(cfg: SemanticConfig, shards_dir: str | Path, out: str | Path,
         checkpoints: str | Path, metrics: str | Path | None = None) -> dict[str, Any]:
     """Pretrain when no checkpoint is given; otherwise record the checkpoint's hash."""
     out = Path(out)
-    if cfg.checkpoint:
-        ck = Path(cfg.checkpoint).resolve()
+    if cfg.model.checkpoint:
+        ck = Path(cfg.model.checkpoint).resolve()
         sm.load(ck)  # fail now, not in the k-means stage, if it cannot be loaded
         out.mkdir(parents=True, exist_ok=True)
         summary = {"source": "checkpoint", "checkpoint": str(ck),
-                   "hash": sm.checkpoint_hash(ck), "params": to_dict(cfg)}
+                   "hash": sm.checkpoint_hash(ck), "params": _params(cfg)}
         shards.atomic_write_json(out / "manifest.json", summary)
         return summary
     # Checkpoints are resumed only by a run of the same params, code and shards: each run
@@ -238,9 +239,14 @@ def run(cfg: sm.SemanticModelConfig, shards_dir: str | Path, out: str | Path,
                     Path(metrics) if metrics else None)
 
 
-def run_id(cfg: sm.SemanticModelConfig, paths: list[str]) -> str:
+def run_id(cfg: SemanticConfig, paths: list[str]) -> str:
     """The checkpoint folder's name: params, this trainer's code (its imports) and the shards."""
-    return training.run_id(config_hash(cfg), "cantus.tokenize.semantic.pretrain", paths)
+    return training.run_id(config_hash(_params(cfg)), "cantus.tokenize.semantic.pretrain", paths)
+
+
+def _params(cfg: SemanticConfig) -> dict[str, Any]:
+    """The params this stage reads: ``semantic.model`` and ``semantic.pretrain``."""
+    return {"model": to_dict(cfg.model), "pretrain": to_dict(cfg.pretrain)}
 
 
 def model_dir(out: str | Path) -> Path:
@@ -259,7 +265,7 @@ def _arguments(ap) -> None:
 
 
 def _main(args) -> None:
-    cfg = load_section(args.params, "semantic_model", sm.SemanticModelConfig)
+    cfg = load_section(args.params, "semantic", SemanticConfig)
     summary = run(cfg, args.audio, args.out, args.checkpoints, args.live)
     print({k: v for k, v in summary.items() if k != "params"})
 
