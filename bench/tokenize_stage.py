@@ -126,7 +126,10 @@ def pipeline(folder: Path, work: Path, actors: int, gpus: float = 0.0) -> tuple[
         for field, ms in FIELDS.items():
             out = work / f"{field}_{actors}"
             shutil.rmtree(out, ignore_errors=True)
-            s = tokenize.run(cfg, field, folder, {m: str(ROOT / MODELS[m]) for m in ms}, out)
+            from cantus.tokenize.fields import FIELDS as TOKENIZERS
+
+            s = tokenize.run(cfg, TOKENIZERS[field], folder,
+                             {m: str(ROOT / MODELS[m]) for m in ms}, out)
             startup, busy = startup + s["startup_s"], busy + s["tokenize_s"]
         return startup, busy
     finally:
@@ -137,9 +140,9 @@ def peak_rss(folder: Path, out: Path) -> float:
     """Peak MiB of the whole process tree of one acoustic-field CLI run on Ray."""
     import psutil
 
-    cmd = [sys.executable, "-m", "cantus.tokenize.run", "--params", str(ROOT / "params.yaml"),
-           "--field", "acoustic", "--audio", str(folder), "--codec", str(ROOT / MODELS["codec"]),
-           "--out", str(out)]
+    cmd = [sys.executable, "-m", "cantus.tokenize.codec.tokenizer", "--params",
+           str(ROOT / "params.yaml"), "--audio", str(folder), "--codec",
+           str(ROOT / MODELS["codec"]), "--out", str(out)]
     proc = psutil.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     peak = 0
     while proc.poll() is None:

@@ -143,12 +143,12 @@ class Generator:
 
     def _check_tokenizers(self) -> None:
         """Refuse a codec or MuLan other than the ones the LM stages were trained on."""
-        from cantus.tokenize.fields import sha256_file
+        from cantus.shards import sha256
 
-        have = {"acoustic": {"checkpoint_hash": sha256_file(
+        have = {"acoustic": {"checkpoint_hash": sha256(
             Path(self.paths["codec"]) / "model.safetensors")},
-            "mulan": {"checkpoint_hash": sha256_file(
-                Path(self.paths["mulan"]) / "model.safetensors"), "rvq_hash": sha256_file(
+            "mulan": {"checkpoint_hash": sha256(
+                Path(self.paths["mulan"]) / "model.safetensors"), "rvq_hash": sha256(
                 Path(self.paths["mulan_rvq"]) / "codebooks.safetensors")}}
         for stage in self.stages:
             trained = read_config(self.paths[f"{stage}_lm"]).get("tokenizers") or {}
@@ -164,11 +164,11 @@ class Generator:
     @property
     def semantic_tokenizer(self):
         if self._semantic_tok is None:
-            from cantus.tokenize.fields import load_field
+            from cantus.tokenize.semantic.kmeans import SemanticTokenizer
 
-            self._semantic_tok = load_field("semantic", {
-                "semantic": _need(self.paths["semantic"], "w2v-BERT"),
-                "semantic_kmeans": _need(self.paths["semantic_kmeans"], "k-means")}, self.device)
+            self._semantic_tok = SemanticTokenizer(_need(self.paths["semantic"], "w2v-BERT"),
+                                                   _need(self.paths["semantic_kmeans"], "k-means"),
+                                                   device=self.device)
         return self._semantic_tok
 
     def text_tokens(self, prompts: list[str]) -> np.ndarray:
@@ -227,8 +227,10 @@ class Generator:
             raise ValueError(f"an audio prompt must be mono samples, got shape {audio.shape}")
         if not np.isfinite(audio).all():
             raise ValueError("the audio prompt holds NaN or infinite samples")
-        tok = self.semantic_tokenizer
-        sem = tok.encode_batch([resample(audio, sample_rate, tok.sample_rate)])[0]
+        from cantus.tokenize.semantic.model import SAMPLE_RATE as W2V_RATE
+
+        sem = self.semantic_tokenizer.encode_batch([resample(audio, sample_rate, W2V_RATE)],
+                                                   W2V_RATE)[0]
         wav = torch.from_numpy(resample(audio, sample_rate, self.sample_rate))[None]
         ac = self.codec.encode(wav.to(self.device), sample_rate=self.sample_rate)[0]
         ts = min(sem.shape[0], ac.shape[-1] // RATIO)

@@ -3,9 +3,10 @@
 A stage's code deps must be exactly the files its command imports, at any depth
 and inside functions too (``cantus.code_closure``), so an edit re-runs only the
 stages it can change. ``tests/test_dvc_graph.py`` compares this against
-dvc.yaml; run this file to print each stage's closure (what its ``deps`` list):
+dvc.yaml; run this file to print each stage's closure (what its ``deps`` list),
+or with ``--write`` to put it in dvc.yaml in place of the code deps there:
 
-    python tests/import_closure.py
+    python tests/import_closure.py [--write]
 """
 
 from __future__ import annotations
@@ -61,7 +62,33 @@ def rel(paths) -> list[str]:
     return sorted(str(p.relative_to(ROOT.resolve())) for p in paths)
 
 
+def write_deps(path: Path = ROOT / "dvc.yaml") -> None:
+    """Rewrite each stage's code deps in dvc.yaml (text edit: comments and order stay)."""
+    closures = {name.split("@")[0]: rel(imported(st)) for name, st in stages().items()}
+    lines, out, stage, i = path.read_text().splitlines(), [], None, 0
+    while i < len(lines):
+        line = lines[i]
+        if line.startswith("  ") and not line.startswith("   ") and line.rstrip().endswith(":"):
+            stage = line.strip()[:-1]
+        out.append(line)
+        i += 1
+        if line.strip() == "deps:" and stage in closures:
+            indent = line[: len(line) - len(line.lstrip())] + "  "
+            rest = []
+            while i < len(lines) and lines[i].startswith(indent + "- "):
+                dep = lines[i].strip()[2:]
+                if not (dep.startswith(CODE_DIRS) and dep.endswith(".py")):
+                    rest.append(lines[i])
+                i += 1
+            out += [f"{indent}- {f}" for f in closures[stage]] + rest
+    path.write_text("\n".join(out) + "\n")
+
+
 if __name__ == "__main__":
+    import sys
+
+    if "--write" in sys.argv[1:]:
+        write_deps()
     for name, st in stages().items():
         print(f"{name}:")
         for f in rel(imported(st)):

@@ -82,9 +82,9 @@ def test_cpu_inference_path_equals_the_modules(size):
 
 _REUSE_PROBE = """
 import resource, sys
-from cantus.tokenize.codec import native as cpu_native
+from cantus.memory import keep_freed_memory
 if sys.argv[1] != "default":
-    cpu_native.keep_freed_memory(every_size=sys.argv[1] == "every")
+    keep_freed_memory(every_size=sys.argv[1] == "every")
 faults = []
 for _ in range(4):  # a 64 MB block, written, freed, allocated again
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

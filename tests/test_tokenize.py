@@ -15,11 +15,13 @@ import pytest
 import webdataset as wds
 import yaml
 
+from cantus.tokenize.fields import FIELDS
 from cantus.tokens import ManifestMismatch, check_manifest, iter_token_samples
 from conftest import ROOT, audio_shards, read_dir_bytes, tiny_tokenizer_models
 
 FIELD_ARGS = {"acoustic": ("codec",), "semantic": ("semantic", "semantic_kmeans"),
               "mulan": ("mulan", "mulan_rvq")}
+ACOUSTIC_CMD = "cantus.tokenize.codec.tokenizer"
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +45,7 @@ def _tokenize_all(tmp, audio, models, tag=""):
     folders = {}
     for field, names in FIELD_ARGS.items():
         folders[field] = tmp / f"tokens_{field}{tag}"
-        tokenize.run(_cfg(), field, audio, {n: models[n] for n in names}, folders[field])
+        tokenize.run(_cfg(), FIELDS[field], audio, {n: models[n] for n in names}, folders[field])
     pack.run(audio, folders, tmp / f"tokens{tag}")
     return folders, tmp / f"tokens{tag}"
 
@@ -87,10 +89,10 @@ def test_rerun_skips_finished_shards_and_changes_nothing(corpus):
 
     tmp, audio, models = corpus
     out = tmp / "again_acoustic"
-    first = tokenize.run(_cfg(), "acoustic", audio, {"codec": models["codec"]}, out)
+    first = tokenize.run(_cfg(), FIELDS["acoustic"], audio, {"codec": models["codec"]}, out)
     ref = read_dir_bytes(out)
     os.remove(sorted(out.glob("*.tar"))[1])  # as if killed before this shard
-    again = tokenize.run(_cfg(), "acoustic", audio, {"codec": models["codec"]}, out)
+    again = tokenize.run(_cfg(), FIELDS["acoustic"], audio, {"codec": models["codec"]}, out)
     assert again["shards_skipped"] == first["shards"] - 1
     assert read_dir_bytes(out) == ref
 
@@ -110,7 +112,7 @@ def test_a_chunk_the_tokenizer_cannot_handle_is_a_reject(corpus, monkeypatch):
         return real(self, decoded, out_path)
 
     monkeypatch.setattr(tokenize.ShardTokenizer, "run", run_with_bad_chunk)
-    s = tokenize.run(_cfg(), "acoustic", audio, {"codec": models["codec"]}, tmp / "bad")
+    s = tokenize.run(_cfg(), FIELDS["acoustic"], audio, {"codec": models["codec"]}, tmp / "bad")
     import pyarrow.parquet as pq
 
     rejects = pq.read_table(tmp / "bad" / "rejects.parquet").to_pylist()
@@ -125,20 +127,28 @@ def test_stages_are_split_by_field_so_a_refit_retokenizes_one_field():
     assert deps["acoustic"] == {"models/codec"}
     assert "models/semantic_kmeans" in deps["semantic"]
     assert not any("semantic" in d or "mulan" in d for d in deps["acoustic"])
+    # and each imports its own tokenizer's code only: an edit to another field's re-runs nothing
+    code = {f: [d for d in stages[f"tokenize_{f}"]["deps"] if d.endswith(".py")]
+            for f in ("acoustic", "semantic", "mulan")}
+    for field, own in (("acoustic", "codec"), ("semantic", "semantic"), ("mulan", "mulan")):
+        others = {"codec", "semantic", "mulan"} - {own}
+        assert f"tokenize/{own}/tokenizer.py" in code[field]
+        assert not [d for d in code[field] if d.split("/")[1] in others], (field, code[field])
 
 
-# The child tokenizes as `python -m cantus.tokenize.run` does, but pauses after each shard
+# The child tokenizes as `python -m cantus.tokenize.codec.tokenizer` does, but pauses after each shard
 # it writes, so the kill below always lands between shards, never after the last one.
 _SLOW_CHILD = """
 import sys, time
 from cantus.tokenize import run
+from cantus.tokenize.codec import tokenizer
 real = run.ShardTokenizer.run
 def slow(self, decoded, out_path):
     s = real(self, decoded, out_path)
     time.sleep(1.0)
     return s
 run.ShardTokenizer.run = slow
-sys.exit(run.main(sys.argv[1:]))
+sys.exit(tokenizer.main(sys.argv[1:]))
 """
 
 
@@ -151,10 +161,10 @@ def test_sigkill_then_rerun_skips_finished_shards_and_is_byte_identical(corpus):
     assert total >= 3
 
     def args(out):
-        return ["--params", str(tmp / "params.yaml"), "--field", "acoustic", "--audio",
+        return ["--params", str(tmp / "params.yaml"), "--audio",
                 str(audio), "--codec", models["codec"], "--out", str(out)]
 
-    ref = subprocess.run([sys.executable, "-m", "cantus.tokenize.run", *args(tmp / "k_ref")],
+    ref = subprocess.run([sys.executable, "-m", ACOUSTIC_CMD, *args(tmp / "k_ref")],
                          capture_output=True, text=True)
     assert ref.returncode == 0 and "(0 already done)" in ref.stdout, ref.stderr
     proc = subprocess.Popen([sys.executable, "-c", _SLOW_CHILD, *args(tmp / "k_out")],
@@ -170,7 +180,7 @@ def test_sigkill_then_rerun_skips_finished_shards_and_is_byte_identical(corpus):
     assert proc.returncode == -signal.SIGKILL
     finished = len(list((tmp / "k_out").glob("*.tar")))
     assert 1 <= finished < total and not (tmp / "k_out" / "index.parquet").exists()
-    again = subprocess.run([sys.executable, "-m", "cantus.tokenize.run", *args(tmp / "k_out")],
+    again = subprocess.run([sys.executable, "-m", ACOUSTIC_CMD, *args(tmp / "k_out")],
                            capture_output=True, text=True)
     assert again.returncode == 0, again.stderr
     assert f"({finished} already done)" in again.stdout, again.stdout
@@ -188,26 +198,26 @@ def test_token_shards_of_changed_or_dropped_audio_are_not_kept(corpus, tmp_path)
     audio = tmp_path / "audio"
     shutil.copytree(src, audio)
     out = tmp_path / "acoustic"
-    first = tokenize.run(_cfg(), "acoustic", audio, {"codec": models["codec"]}, out)
+    first = tokenize.run(_cfg(), FIELDS["acoustic"], audio, {"codec": models["codec"]}, out)
     assert first["shards_skipped"] == 0
     names = sorted(p.name for p in audio.glob("*.tar"))
     # another audio shard under the same name: its tokens must be made again
     victim, other = audio / names[0], audio / names[1]
     shutil.copy(other, victim)
-    again = tokenize.run(_cfg(), "acoustic", audio, {"codec": models["codec"]}, out)
+    again = tokenize.run(_cfg(), FIELDS["acoustic"], audio, {"codec": models["codec"]}, out)
     assert again["shards_skipped"] == len(names) - 1
     assert json.loads((out / names[0]).with_suffix(".json").read_text())["input_sha256"] == \
         shards.sha256(victim)
     assert (out / names[0]).read_bytes() == (out / names[1]).read_bytes()
     # a plan with one shard fewer: its token shard and sidecar go
     victim.unlink()
-    tokenize.run(_cfg(), "acoustic", audio, {"codec": models["codec"]}, out)
+    tokenize.run(_cfg(), FIELDS["acoustic"], audio, {"codec": models["codec"]}, out)
     assert not (out / names[0]).exists() and not (out / names[0]).with_suffix(".json").exists()
     # pack refuses tokens made from other audio, and removes packs the plan no longer has
     folders = {}
     for field, args in FIELD_ARGS.items():
         folders[field] = tmp_path / f"tok_{field}"
-        tokenize.run(_cfg(), field, audio, {n: models[n] for n in args}, folders[field])
+        tokenize.run(_cfg(), FIELDS[field], audio, {n: models[n] for n in args}, folders[field])
     (tmp_path / "packed").mkdir()
     stale = tmp_path / "packed" / "train-999999.tar"
     stale.write_bytes(b"old")
@@ -227,12 +237,12 @@ def test_ray_actors_match_local_and_survive_a_killed_worker(corpus):
 
     tmp, audio, models = corpus
     local = tmp / "r_local"
-    tokenize.run(_cfg(), "acoustic", audio, {"codec": models["codec"]}, local)
+    tokenize.run(_cfg(), FIELDS["acoustic"], audio, {"codec": models["codec"]}, local)
     init_ray(num_cpus=2)
     try:
         killer = _kill_one_actor_soon()
-        s = tokenize.run(_cfg(executor="ray", actors=2, max_in_flight=2), "acoustic", audio,
-                         {"codec": models["codec"]}, tmp / "r_ray")
+        s = tokenize.run(_cfg(executor="ray", actors=2, max_in_flight=2), FIELDS["acoustic"],
+                         audio, {"codec": models["codec"]}, tmp / "r_ray")
         killer.join()
         assert killer.killed, "no tokenizer actor process was found to kill"
         ds = ray.data.read_webdataset(str(tmp / "r_ray"), file_extensions=["tar"])
@@ -301,10 +311,10 @@ def test_a_two_node_cluster_tokenizes_on_both_nodes_like_a_local_run(corpus):
     (tmp / "cluster.sh").write_text(CLUSTER)
     from cantus.tokenize import run as tokenize
 
-    tokenize.run(_cfg(), "acoustic", audio, {"codec": models["codec"]}, tmp / "c_local")
+    tokenize.run(_cfg(), FIELDS["acoustic"], audio, {"codec": models["codec"]}, tmp / "c_local")
     proc = subprocess.run(
         ["unshare", "-n", "bash", str(tmp / "cluster.sh"), sys.executable, "-m",
-         "cantus.tokenize.run", "--params", str(tmp / "cluster.yaml"), "--field", "acoustic",
+         ACOUSTIC_CMD, "--params", str(tmp / "cluster.yaml"),
          "--audio", str(audio), "--codec", models["codec"], "--out", str(tmp / "c_ray")],
         capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -1,15 +1,20 @@
 """Tokenize stage: audio shards -> one set of token shards for one field.
 
-Goes in: the ingest stage's audio shards, the model folder(s) of one field
-(``--codec``; ``--semantic`` and ``--semantic-kmeans``; ``--mulan`` and
-``--mulan-rvq``) and the ``tokenize`` section of params.yaml. Comes out, in
+Goes in: the ingest stage's audio shards, one field's tokenizer class (the
+``tokenizer`` module of ``codec/``, ``semantic/`` or ``mulan/``: ``field``,
+``models``, ``sample_rate``, ``describe()``, ``encode_batch(wavs)``), its
+model folder(s) (``--codec``; ``--semantic`` and ``--semantic-kmeans``;
+``--mulan`` and ``--mulan-rvq``) and the ``tokenize`` section of params.yaml. Comes out, in
 ``--out``: one token shard per audio shard, with the same name and keys
 (``{key}.{field}.npy``), a sidecar ``{shard}.json`` per shard (keys, token
 lengths, rejects), ``index.parquet``, ``rejects.parquet`` and ``manifest.json``
 naming the tokenizer. ``cantus.tokenize.pack`` joins the fields.
 
-    python -m cantus.tokenize.run --params params.yaml --field acoustic \\
+    python -m cantus.tokenize.codec.tokenizer --params params.yaml \\
         --audio data/audio --codec models/codec --out data/tokens_acoustic
+
+Each field's command is its tokenizer module's ``main``, so a stage imports
+only its own model code. This module imports none of them.
 
 Ray: each audio shard is decoded and resampled by a CPU task, and tokenized
 by a model actor (loaded once per actor; ``num_gpus`` per actor from params),
@@ -36,7 +41,6 @@ import pyarrow as pa
 
 from cantus import shards
 from cantus.config import ConfigError, load_section
-from cantus.tokenize.fields import FIELD_MODELS, load_field
 from cantus.tokens import npy_bytes
 
 log = logging.getLogger(__name__)
@@ -96,15 +100,20 @@ def warm_decoder() -> None:
 class ShardTokenizer:
     """Holds one field's model; ``run`` tokenizes one decoded shard and writes it."""
 
-    def __init__(self, field: str, models: dict[str, str], device: str, threads: int = 0):
+    def __init__(self, tokenizer: type, models: dict[str, str], device: str, threads: int = 0):
         if threads:
             import torch
 
             torch.set_num_threads(threads)  # one actor per CPU must not oversubscribe it
         from cantus.training import resolve_device
 
-        self.tok = load_field(field, models, resolve_device(device))
-        self.field = field
+        device = resolve_device(device)
+        if str(device).startswith("cpu"):
+            from cantus.memory import keep_freed_memory
+
+            keep_freed_memory(every_size=True)  # same-sized shards: reuse every block
+        self.tok = open_tokenizer(tokenizer, models, device)
+        self.field = tokenizer.field
 
     def run(self, decoded: dict[str, Any], out_path: str) -> dict[str, Any]:
         keys, tokens, rejects = [], [], list(decoded["rejects"])
@@ -144,6 +153,18 @@ class ShardTokenizer:
         return self.tok.describe(), self.tok.sample_rate, node
 
 
+def open_tokenizer(tokenizer: type, models: dict[str, str], device: str = "cpu"):
+    """``tokenizer(models, device)`` once every model folder it needs is there."""
+    missing = [m for m in tokenizer.models if not models.get(m)]
+    if missing:
+        raise ValueError(f"field {tokenizer.field!r} needs model folder(s): "
+                         + ", ".join(f"--{m.replace('_', '-')}" for m in missing))
+    for name in tokenizer.models:
+        if not Path(models[name]).is_dir():
+            raise FileNotFoundError(f"{name} model folder not found: {models[name]}")
+    return tokenizer({m: str(models[m]) for m in tokenizer.models}, device)
+
+
 def _sidecar(out_path: str) -> str:
     return out_path[: -len(".tar")] + ".json"
 
@@ -180,7 +201,7 @@ def _schedule_local(tokenizer: ShardTokenizer, jobs: list[tuple[str, str]], rate
 class ActorPool:
     """The model actors of one field (Ray); the driver itself loads no model."""
 
-    def __init__(self, field: str, models: dict[str, str], cfg: TokenizeConfig):
+    def __init__(self, tokenizer: type, models: dict[str, str], cfg: TokenizeConfig):
         import ray
 
         from cantus.parallel import worker_count
@@ -195,7 +216,7 @@ class ActorPool:
         actor_cls = ray.remote(num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor,
                                max_restarts=3, max_task_retries=3)(ShardTokenizer)
         threads = max(1, int(round(cfg.cpus_per_actor)))
-        self.actors = [actor_cls.remote(field, models, cfg.device, threads) for _ in range(n)]
+        self.actors = [actor_cls.remote(tokenizer, models, cfg.device, threads) for _ in range(n)]
         self.cfg = cfg
         # A fresh decode worker spends ~1 s importing before its first shard, and
         # the actors would wait for it: start as many as can run beside the actors
@@ -208,7 +229,7 @@ class ActorPool:
         ray.get(warming)
         self.description, self.sample_rate = infos[0][0], infos[0][1]
         self.nodes = [i[2] for i in infos]
-        log.info("%d %s actors on %d Ray node(s)", n, field, len(set(self.nodes)))
+        log.info("%d %s actors on %d Ray node(s)", n, tokenizer.field, len(set(self.nodes)))
 
     def schedule(self, jobs: list[tuple[str, str]]):
         """Decode tasks feed the actors, ``max_in_flight`` shards at a time."""
@@ -234,23 +255,23 @@ class ActorPool:
             yield ray.get(done[0]), self.nodes[actor]
 
 
-def run(cfg: TokenizeConfig, field: str, audio_dir: str | Path, models: dict[str, str],
+def run(cfg: TokenizeConfig, tokenizer: type, audio_dir: str | Path, models: dict[str, str],
         out: str | Path) -> dict[str, Any]:
-    """Tokenize every audio shard for ``field``; returns a summary."""
+    """Tokenize every audio shard with ``tokenizer`` (a field's class); returns a summary."""
     import time
 
     from cantus.training import progress
 
     t0 = time.perf_counter()
-    out = Path(out)
+    field, out = tokenizer.field, Path(out)
     paths = [p for split in ("train", "valid") for p in _shards_or_none(audio_dir, split)]
     if not paths:
         raise FileNotFoundError(f"{audio_dir}: no audio shards (train-*.tar / valid-*.tar)")
     if cfg.executor == "local":
-        local = ShardTokenizer(field, models, cfg.device)
+        local = ShardTokenizer(tokenizer, models, cfg.device)
         description, rate, _ = local.info()
     else:
-        pool = ActorPool(field, models, cfg)
+        pool = ActorPool(tokenizer, models, cfg)
         description, rate = pool.description, pool.sample_rate
     _prepare_out(out, description)
     shards.remove_unplanned(out, [Path(p).name for p in paths])
@@ -310,36 +331,35 @@ def load_config(params: str) -> TokenizeConfig:
     return load_section(params, "tokenize", TokenizeConfig)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="cantus tokenize", description=__doc__.split("\n\n")[0])
+def field_main(tokenizer: type, argv: list[str] | None = None) -> int:
+    """The stage command of one field: ``--audio``, ``--out`` and a flag per model folder."""
+    field = tokenizer.field
+    ap = argparse.ArgumentParser(prog=f"cantus tokenize {field}",
+                                 description=f"Tokenize audio shards into {field} token shards.")
     ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--field", required=True, choices=sorted(FIELD_MODELS))
     ap.add_argument("--audio", required=True, help="audio shard folder (ingest output)")
-    ap.add_argument("--out", required=True, help="token shard folder for this field")
-    for name in sorted({m for ms in FIELD_MODELS.values() for m in ms}):
-        ap.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None,
+    ap.add_argument("--out", required=True, help=f"token shard folder (data/tokens_{field})")
+    for name in tokenizer.models:
+        ap.add_argument(f"--{name.replace('_', '-')}", dest=name, required=True,
                         help=f"{name} model folder")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_config(args.params)
-        models = {m: getattr(args, m) for m in FIELD_MODELS[args.field]}
-        missing = [m for m, v in models.items() if not v]
-        if missing:
-            raise ConfigError(f"--field {args.field} needs --{missing[0].replace('_', '-')}")
-    except ConfigError as e:
-        print(f"cantus tokenize: configuration error: {e}", file=sys.stderr)
+        models = {m: getattr(args, m) for m in tokenizer.models}
+        for name, folder in models.items():
+            if not Path(folder).is_dir():
+                raise FileNotFoundError(f"--{name.replace('_', '-')} {folder}: no such folder")
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"cantus tokenize {field}: {'configuration error: ' if isinstance(e, ConfigError) else ''}{e}",
+              file=sys.stderr)
         return 2
     if cfg.executor == "ray":
         from cantus.parallel import init_ray
 
         init_ray()
-    summary = run(cfg, args.field, args.audio, models, args.out)
-    print(f"tokenize {args.field}: {summary['chunks']} chunks in {summary['shards']} shards "
+    summary = run(cfg, tokenizer, args.audio, models, args.out)
+    print(f"tokenize {field}: {summary['chunks']} chunks in {summary['shards']} shards "
           f"({summary['shards_skipped']} already done), {summary['rejects']} rejects -> {args.out}"
           f"; shards per node: {json.dumps(summary['nodes'], sort_keys=True)}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
+from cantus.memory import keep_freed_memory
 from cantus.tokenize.codec import native as cpu_native
 
 CHANNELS_LAST = torch.channels_last
@@ -98,7 +99,7 @@ def _tail(strides: tuple[int, ...], dilation: int = 9) -> int:
 def encode_latents(encoder: nn.Module, wav: torch.Tensor, hop: int,
                    strides: tuple[int, ...]) -> torch.Tensor:
     """float[B, 1, N] (N a multiple of ``hop``) -> float[B, D, N / hop], as ``encoder(wav)``."""
-    cpu_native.keep_freed_memory()
+    keep_freed_memory()
     frames = wav.shape[-1] // hop
     out = []
     with parametrize.cached():
@@ -150,7 +151,7 @@ def _run(net: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
 @torch.inference_mode()
 def decode_waveform(decoder: nn.Module, latents: torch.Tensor, hop: int) -> torch.Tensor:
     """float[B, D, T] -> float[B, 1, T * hop], as ``decoder(latents)``."""
-    cpu_native.keep_freed_memory()
+    keep_freed_memory()
     out = []
     with parametrize.cached():
         for item in latents:
