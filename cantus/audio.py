@@ -41,20 +41,28 @@ def _frame_to_array(frame) -> np.ndarray:
     return a.astype(np.float32, copy=False)
 
 
-def decode(path: str | Path, max_seconds: float | None = None) -> tuple[np.ndarray, int]:
+def decode(path: str | Path, max_seconds: float | None = None, *,
+           max_sample_rate: int | None = None, max_channels: int | None = None,
+           max_decoded_mb: float | None = None) -> tuple[np.ndarray, int]:
     """Decode the first audio stream of ``path``.
 
     Args:
         path: any file FFmpeg can read.
         max_seconds: stop after this much audio (None reads all of it).
+        max_sample_rate, max_channels, max_decoded_mb: limits checked on the
+            container header before any sample is decoded (the decoded size is
+            float32 samples up to ``max_seconds``), and the size again while
+            decoding, for headers that lie or state no duration. None: no limit.
 
     Returns:
         (float32[C, N], sample_rate) at the file's own rate and channel count.
 
     Raises:
-        AudioError: reason ``decode_error`` (not a readable media file),
-            ``no_audio`` (no audio stream), ``empty`` (a 0-byte file) or
-            ``truncated`` (a lossless file shorter than its header says).
+        AudioError: reason ``decode_error`` (not a readable media file, or a
+            stream whose rate or channel count changes mid-stream), ``no_audio``
+            (no audio stream), ``empty`` (a 0-byte file), ``truncated`` (a
+            lossless file shorter than its header says) or ``over_limit``
+            (a limit above exceeded; the message names it).
     """
     import av  # deferred: PyAV loads FFmpeg, which is slow to import
 
@@ -70,15 +78,30 @@ def decode(path: str | Path, max_seconds: float | None = None) -> tuple[np.ndarr
             raise AudioError("no_audio", f"{name}: the file has no audio stream")
         stream = container.streams.audio[0]
         rate = stream.rate or stream.codec_context.sample_rate
+        channels = stream.channels or stream.codec_context.channels
+        budget = None if max_decoded_mb is None else int(max_decoded_mb * 2**20)
+        _check_header(name, container, stream, rate, channels, max_seconds,
+                      max_sample_rate, max_channels, budget)
         limit = int(max_seconds * rate) if max_seconds and rate else None
-        parts, total = [], 0
+        parts, total, first = [], 0, None
         try:
             for frame in container.decode(stream):
                 a = _frame_to_array(frame)
+                if first is None:
+                    first = (a.shape[0], frame.sample_rate)
+                elif (a.shape[0], frame.sample_rate) != first:
+                    raise AudioError("decode_error", f"{name}: the stream changes from "
+                                     f"{first[0]} ch at {first[1]} Hz to {a.shape[0]} ch at "
+                                     f"{frame.sample_rate} Hz after {total / first[1]:.2f} s")
                 parts.append(a)
                 total += a.shape[1]
+                if budget is not None and 4 * total * a.shape[0] > budget:
+                    raise AudioError("over_limit", f"{name}: decodes to more than "
+                                     f"{budget / 2**20:g} MB of samples (max_decoded_mb)")
                 if limit is not None and total >= limit:
                     break
+        except AudioError:
+            raise
         except Exception as e:
             if not parts:
                 raise AudioError("decode_error", f"{name}: decoding failed ({_short(e)})") from e
@@ -97,6 +120,36 @@ def decode(path: str | Path, max_seconds: float | None = None) -> tuple[np.ndarr
     if limit is not None:
         x = x[:, :limit]
     return x, int(rate)
+
+
+def header_seconds(container, stream) -> float | None:
+    """Duration a container's header states (None where it states none)."""
+    if stream.duration and stream.time_base:
+        return float(stream.duration * stream.time_base)
+    if container.duration:
+        return container.duration / 1e6  # AV_TIME_BASE
+    return None
+
+
+def _check_header(name: str, container, stream, rate: int, channels: int,
+                  max_seconds: float | None, max_sample_rate: int | None,
+                  max_channels: int | None, budget: int | None) -> None:
+    """Raise ``over_limit`` when the header alone shows a limit is exceeded."""
+    if max_sample_rate is not None and rate and rate > max_sample_rate:
+        raise AudioError("over_limit", f"{name}: sample rate {rate} Hz is over the limit "
+                                       f"of {max_sample_rate} Hz (max_sample_rate)")
+    if max_channels is not None and channels and channels > max_channels:
+        raise AudioError("over_limit", f"{name}: {channels} channels is over the limit "
+                                       f"of {max_channels} (max_channels)")
+    seconds = header_seconds(container, stream)
+    if budget is None or not seconds or not rate:
+        return
+    seconds = min(seconds, max_seconds) if max_seconds else seconds
+    size = 4 * seconds * rate * max(1, channels or 1)
+    if size > budget:
+        raise AudioError("over_limit", f"{name}: {seconds:.1f} s x {rate} Hz x {channels} ch "
+                                       f"would decode to {size / 2**20:.0f} MB, over the limit "
+                                       f"of {budget / 2**20:g} MB (max_decoded_mb)")
 
 
 def _declared_samples(name: str, stream) -> int | None:

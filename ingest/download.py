@@ -4,8 +4,10 @@ Goes in: requests ``{"url", "start_s", "end_s"}`` (as made by
 ``cantus.ingest.url_lists`` from a URL list or a MusicCaps CSV; re-exported
 here) and the ``ingest.download`` section of ``params.yaml``
 (``DownloadConfig``). Comes out: for each request, a file in a download cache,
-or a ``DownloadError`` naming the URL and a short reason ("unreachable",
-"unavailable (HTTP 404)", "no audio stream").
+or a ``DownloadError`` naming the URL, a short reason ("unreachable",
+"timeout (...)", "server error (HTTP 503)", "unavailable (HTTP 404)", "no
+audio stream") and whether it is permanent. Only successes are cached: a
+failure, permanent or transient, is tried again by the next run.
 
 Cache layout (``cache_dir``), keyed by ``sha256`` of (url, start_s, end_s)::
 
@@ -18,13 +20,31 @@ The media file is moved into place before its sidecar, both with
 ``os.replace``, so a sidecar marks a finished download and a rerun finds it
 without touching the network.
 
-Sections: yt-dlp cuts them with ffmpeg (``download_ranges``); only the bytes
-around the section are fetched (HTTP range requests) and the cut is
-re-encoded to FLAC, so it is sample-accurate and lossless with respect to the
-decoded source. ffmpeg comes from ``PATH`` or from the ``imageio-ffmpeg``
-package; ffprobe is not needed. Without ffmpeg (or for a format ffmpeg cannot
-cut) the whole file is downloaded and the section is cut locally with PyAV,
-with a warning.
+How a request is fetched:
+
+- yt-dlp runs in this process, never with an ffmpeg (it is pointed at an
+  empty folder), so it starts no subprocess that could hang or show a cookie
+  on its command line. Its sockets time out after ``timeout_s``; a whole
+  download is stopped past ``max_bytes`` or ``deadline_s``.
+- Sections: yt-dlp finds the media URL (no download), then the ffmpeg binary
+  (``PATH`` or ``imageio-ffmpeg``) cuts [start_s, end_s] with HTTP range
+  requests into FLAC, with ``-rw_timeout`` (``timeout_s``), ``-fs``
+  (``max_bytes``) and a subprocess timeout (``deadline_s``). Its command line
+  carries no cookie and no proxy (the proxy goes in its environment). Where
+  ffmpeg is missing or cannot cut (or the media URL needs cookies), the whole
+  file is downloaded by yt-dlp and the section is decoded from it with PyAV,
+  streaming: only the section is ever in memory.
+- Caps: a section or media longer than ``max_seconds`` is refused (before
+  the download where yt-dlp knows the duration), and so is a file over
+  ``max_bytes``.
+- Retries: a transient failure is retried ``retries`` times with backoff from
+  ``backoff_s``; a permanent one is not. After ``breaker`` network failures in
+  a row (unreachable, timeout, HTTP 5xx/429), the circuit breaker opens and
+  the remaining requests fail at once as transient, naming the cause.
+- Secrets come from the environment, never from params (which land in
+  dvc.lock): ``CANTUS_COOKIES`` (a cookies.txt path, read once per process
+  and handed to each yt-dlp instance as a private copy, so the original is
+  never rewritten) and ``CANTUS_PROXY`` (over ``proxy``).
 
 Run: ``python -m cantus.ingest.download --params params.yaml --cache DIR
 (--urls LIST | --musiccaps CSV)``.
@@ -33,28 +53,29 @@ Run: ``python -m cantus.ingest.download --params params.yaml --cache DIR
 from __future__ import annotations
 
 import argparse
+import contextlib
 import contextvars
 import functools
 import hashlib
 import json
 import logging
-import math
 import os
 import re
 import shutil
+import subprocess
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
 import av
-import numpy as np
 import soundfile as sf
 import yt_dlp
 from tqdm import tqdm
-from yt_dlp.utils import download_range_func
 
+from cantus.config import ConfigError
 from cantus.ingest.params import DownloadConfig
 from cantus.ingest.url_lists import parse_aspect_list, read_musiccaps, read_url_list
 
@@ -64,13 +85,9 @@ __all__ = ["DownloadError", "cache_key", "download_all", "fetch", "main",
 log = logging.getLogger(__name__)
 _ydl_log = logging.getLogger(__name__ + ".yt_dlp")  # silence separately if too chatty
 
-# ffmpeg output options for a section: audio only, lossless FLAC. They come
-# after yt-dlp's own "-f <ext>", so they win.
-_SECTION_FFMPEG_ARGS = ["-vn", "-sn", "-dn", "-c:a", "flac", "-f", "flac"]
+COOKIES_ENV, PROXY_ENV = "CANTUS_COOKIES", "CANTUS_PROXY"
 # (pattern in yt-dlp's message, short reason, permanent?) checked in order.
 _MESSAGE_REASONS = (
-    ("cannot be partially downloaded", "section unsupported", True),
-    ("downloading the video partially", "section unsupported", True),
     ("requested format is not available", "no audio stream", True),
     ("unsupported url", "unsupported URL", True),
     ("private video", "unavailable (private)", True),
@@ -78,20 +95,26 @@ _MESSAGE_REASONS = (
     ("has been removed", "unavailable (removed)", True),
     ("is not available", "unavailable", True),
     ("sign in to confirm", "needs login (cookies)", True),
-    ("timed out", "timed out", False),
 )
 _PERMANENT_HTTP = {400, 401, 404, 410, 451}
+_SECRET_HEADERS = {"cookie", "authorization", "proxy-authorization"}
+_FFMPEG_PROTOCOLS = {"http", "https", "m3u8", "m3u8_native"}
 _INFO_KEYS = ("id", "title", "uploader", "uploader_id", "channel", "license",
               "duration", "upload_date", "webpage_url", "extractor_key",
               "format_id", "acodec", "abr", "asr", "audio_channels")
 
 
 class DownloadError(Exception):
-    """A URL could not be fetched; ``reason`` is short and stable for rejects tables."""
+    """A URL could not be fetched; ``reason`` is short and stable for rejects tables.
 
-    def __init__(self, url: str, reason: str, permanent: bool = False):
-        super().__init__(url, reason, permanent)
-        self.url, self.reason, self.permanent = url, reason, permanent
+    ``permanent``: retrying cannot help (HTTP 404, private video, no audio, a
+    cap). ``network``: the host or the network failed (unreachable, timeout,
+    HTTP 5xx/429); these count towards the circuit breaker.
+    """
+
+    def __init__(self, url: str, reason: str, permanent: bool = False, network: bool = False):
+        super().__init__(url, reason, permanent, network)
+        self.url, self.reason, self.permanent, self.network = url, reason, permanent, network
 
     def __str__(self) -> str:
         return f"download failed for {self.url}: {self.reason}"
@@ -122,16 +145,147 @@ def _write_json_atomic(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+# ---------------------------------------------------------------- session
+
+
+class _Breaker:
+    """Opens after ``limit`` network failures in a row (0: never); any other
+    outcome closes the count. ``wait`` sleeps unless and until it opens."""
+
+    def __init__(self, limit: int):
+        self.limit, self.run, self.last = limit, 0, ""
+        self._open = threading.Event()
+        self._lock = threading.Lock()
+
+    def record(self, err: DownloadError | None) -> None:
+        with self._lock:
+            if err is None or not err.network:
+                self.run = 0
+                return
+            self.run += 1
+            self.last = err.reason
+            if self.limit and self.run >= self.limit and not self._open.is_set():
+                log.warning("circuit breaker open after %d network failures in a row (last: "
+                            "%s); the remaining downloads are not tried", self.run, err.reason)
+                self._open.set()
+
+    @property
+    def is_open(self) -> bool:
+        return self._open.is_set()
+
+    def error(self, url: str) -> DownloadError:
+        return DownloadError(url, f"{self.last.split(' (')[0]}: not tried, the circuit breaker "
+                                  f"opened after {self.limit} network failures in a row "
+                                  f"(last: {self.last}; ingest.download.breaker)",
+                             permanent=False, network=False)
+
+    def wait(self, seconds: float) -> bool:
+        """Sleep ``seconds``; True (at once) if the breaker is or becomes open."""
+        return self._open.wait(seconds)
+
+
+@functools.lru_cache(maxsize=4)
+def _cookie_bytes(path: str) -> bytes:
+    """The cookies file, read once per process."""
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{COOKIES_ENV}={path}: cannot read the cookies file "
+                          f"({e.strerror or e})") from e
+
+
+@functools.lru_cache(maxsize=1)
+def _no_ffmpeg_dir() -> str:
+    """An empty folder: yt-dlp pointed at it finds no ffmpeg and starts none."""
+    return tempfile.mkdtemp(prefix="cantus-no-ffmpeg-")
+
+
+class _Session:
+    """What the downloads of one ``download_all`` share: the circuit breaker,
+    secrets from the environment, private cookie copies and one extracting
+    yt-dlp instance per thread. Close it to delete the copies."""
+
+    def __init__(self, cfg: DownloadConfig):
+        self.cfg = cfg
+        self.breaker = _Breaker(cfg.breaker)
+        path = os.environ.get(COOKIES_ENV, "")
+        self.cookies = _cookie_bytes(path) if path else None
+        self.proxy = os.environ.get(PROXY_ENV) or cfg.proxy
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._ydls: list[yt_dlp.YoutubeDL] = []
+        self._files: list[str] = []
+
+    def __enter__(self) -> _Session:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        with self._lock:
+            ydls, files, self._ydls, self._files = self._ydls, self._files, [], []
+        for ydl in ydls:
+            try:
+                ydl.close()
+            except Exception:  # closing saves cookies into the private copy only
+                log.debug("closing yt-dlp failed", exc_info=True)
+        for f in files:
+            with contextlib.suppress(OSError):
+                os.remove(f)
+
+    def opts(self, **extra: Any) -> dict[str, Any]:
+        """yt-dlp options; each call with cookies gets its own private copy."""
+        cfg = self.cfg
+        opts: dict[str, Any] = {
+            "format": cfg.format,
+            "socket_timeout": cfg.timeout_s,
+            # fetch() owns retries (with backoff); yt-dlp's own would multiply them
+            "retries": 0, "extractor_retries": 0, "fragment_retries": cfg.retries,
+            "noplaylist": True, "playlist_items": "1",
+            "quiet": True, "noprogress": True, "color": "never",
+            "logger": _YdlLogger(),
+            "cachedir": False, "overwrites": True, "continuedl": False,
+            "ffmpeg_location": _no_ffmpeg_dir(), "fixup": "never",
+            "external_downloader": {"default": "native"}, "hls_prefer_native": True,
+            # YouTube needs a JS runtime (plus the yt-dlp-ejs package); yt-dlp
+            # only tries deno unless told, so offer whichever is installed
+            "js_runtimes": {n: {} for n in ("deno", "node", "bun") if shutil.which(n)}
+            or {"deno": {}},
+        }
+        if self.proxy:
+            opts["proxy"] = self.proxy
+        if self.cookies is not None:
+            fd, copy = tempfile.mkstemp(prefix="cantus-cookies-", suffix=".txt")  # mode 0600
+            with os.fdopen(fd, "wb") as f:
+                f.write(self.cookies)
+            with self._lock:
+                self._files.append(copy)
+            opts["cookiefile"] = copy
+        opts.update(extra)
+        return opts
+
+    def extractor(self) -> yt_dlp.YoutubeDL:
+        """This thread's yt-dlp for finding media URLs (making one costs ~50 ms)."""
+        ydl = getattr(self._local, "ydl", None)
+        if ydl is None:
+            ydl = self._local.ydl = yt_dlp.YoutubeDL(self.opts())
+            with self._lock:
+                self._ydls.append(ydl)
+        return ydl
+
+
 # ---------------------------------------------------------------- download
 
 
 def fetch(url: str, start_s: float | None, end_s: float | None,
-          cfg: DownloadConfig, cache_dir: str | Path) -> Path:
+          cfg: DownloadConfig, cache_dir: str | Path, session: _Session | None = None) -> Path:
     """Download one URL (or its section [start_s, end_s]) into the cache.
 
     A cached result returns at once without network access. Transient
     failures are retried ``cfg.retries`` times, waiting ``cfg.backoff_s``
-    and doubling; permanent ones (HTTP 404, unavailable, no audio) are not.
+    and doubling; permanent ones (HTTP 404, unavailable, no audio, a cap)
+    are not, nor are any once ``session``'s circuit breaker is open.
 
     Returns:
         Path of the cached audio file.
@@ -146,44 +300,50 @@ def fetch(url: str, start_s: float | None, end_s: float | None,
         return hit
     if (start_s or 0) < 0 or (end_s is not None and end_s <= (start_s or 0)):
         raise DownloadError(url, f"empty or negative section [{start_s}, {end_s}]", True)
+    if end_s is not None and end_s - (start_s or 0) > cfg.max_seconds:
+        raise DownloadError(url, f"section of {end_s - (start_s or 0):g} s is over "
+                                 f"ingest.download.max_seconds = {cfg.max_seconds:g}", True)
+    if session is None:
+        with _Session(cfg) as own:
+            return fetch(url, start_s, end_s, cfg, cache_dir, own)
     cache_dir.mkdir(parents=True, exist_ok=True)
     delay, attempt = cfg.backoff_s, 0
     while True:
+        if session.breaker.is_open:
+            raise session.breaker.error(url)
         try:
-            return _fetch_once(url, start_s, end_s, cfg, cache_dir, key)
+            path = _fetch_once(url, start_s, end_s, session, cache_dir, key)
         except DownloadError as e:
+            session.breaker.record(e)
             attempt += 1
             if e.permanent or attempt > cfg.retries:
                 raise
             log.info("retry %d/%d of %s in %.2fs (%s)", attempt, cfg.retries, url, delay, e.reason)
-            time.sleep(delay)
+            if session.breaker.wait(delay):
+                raise
             delay *= 2
+        else:
+            session.breaker.record(None)
+            return path
 
 
 def _fetch_once(url: str, start_s: float | None, end_s: float | None,
-                cfg: DownloadConfig, cache_dir: Path, key: str) -> Path:
+                session: _Session, cache_dir: Path, key: str) -> Path:
     section = start_s is not None or end_s is not None
-    ffmpeg = _ffmpeg_exe()
-    method = None
-    if section:
-        method = "ffmpeg" if ffmpeg else "local_trim"
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=cache_dir))
     try:
-        try:
-            info, media = _ydl_download(url, start_s if method == "ffmpeg" else None,
-                                        end_s if method == "ffmpeg" else None, cfg, tmp, ffmpeg)
-        except DownloadError as e:
-            if method != "ffmpeg" or e.reason != "section unsupported":
-                raise
-            log.warning("%s: ffmpeg cannot cut this format; downloading it whole", url)
+        method, media, info = None, None, {}
+        if section:
             method = "local_trim"
-            info, media = _ydl_download(url, None, None, cfg, tmp, ffmpeg)
-        if method == "local_trim":
-            if not ffmpeg:
-                log.warning("%s: no ffmpeg; downloading whole file to cut the section", url)
-            media = _trim_local(url, media, start_s or 0.0, end_s, tmp / "section.flac")
+            info, media = _section_ffmpeg(url, start_s or 0.0, end_s, session, tmp)
+            if media is not None:
+                method = "ffmpeg"
+        if media is None:
+            info, media = _ydl_whole(url, session, tmp)
+            if section:
+                media = _trim_local(url, media, start_s or 0.0, end_s, tmp / "section.flac")
         ext = "flac" if section else (media.suffix.lstrip(".") or "bin")
-        probe = _probe(url, media, decode=section)
+        probe = _probe(url, media, decode=section, max_seconds=session.cfg.max_seconds)
         final = cache_dir / f"{key}.{ext}"
         os.replace(media, final)
         meta = {k: info.get(k) for k in _INFO_KEYS}
@@ -197,60 +357,131 @@ def _fetch_once(url: str, start_s: float | None, end_s: float | None,
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _ydl_download(url: str, start_s: float | None, end_s: float | None,
-                  cfg: DownloadConfig, tmp: Path, ffmpeg: str | None) -> tuple[dict, Path]:
-    """One yt-dlp run into ``tmp``; returns (info dict, downloaded file)."""
-    opts = _ydl_opts(cfg, tmp, ffmpeg)
-    if start_s is not None or end_s is not None:
-        opts["download_ranges"] = download_range_func(None, [(start_s or 0.0, end_s or math.inf)])
-        opts["external_downloader_args"] = {"ffmpeg_o": list(_SECTION_FFMPEG_ARGS)}
+def _extract(url: str, session: _Session) -> dict[str, Any]:
+    """yt-dlp's info for ``url`` with a format chosen, downloading nothing."""
+    try:
+        info = session.extractor().extract_info(url, download=False) or {}
+    except yt_dlp.utils.YoutubeDLError as e:
+        raise _classified(url, e, session.cfg) from e
+    if info.get("_type") == "playlist":
+        info = next(iter(info.get("entries") or []), None) or {}
+    return info
+
+
+def _section_ffmpeg(url: str, start_s: float, end_s: float | None, session: _Session,
+                    tmp: Path) -> tuple[dict[str, Any], Path | None]:
+    """Cut the section with the ffmpeg binary; (info, FLAC) or (info, None) where
+    ffmpeg is missing or cannot do it (the caller then downloads the file whole)."""
+    cfg, ffmpeg = session.cfg, _ffmpeg_exe()
+    if not ffmpeg:
+        log.warning("%s: no ffmpeg; downloading whole file to cut the section", url)
+        return {}, None
+    info = _extract(url, session)
+    fmt = next((f for f in info.get("requested_formats") or []
+                if f.get("acodec") not in (None, "none")), info)
+    media_url, protocol = fmt.get("url"), fmt.get("protocol") or info.get("protocol")
+    why = None
+    if not media_url or protocol not in _FFMPEG_PROTOCOLS:
+        why = f"protocol {protocol!r} is not one ffmpeg cuts"
+    elif session.proxy and not session.proxy.startswith("http"):
+        why = "ffmpeg takes only http proxies"
+    elif session.cookies is not None and \
+            session.extractor().cookiejar.get_cookies_for_url(media_url):
+        why = "the media URL needs cookies, which never go on a command line"
+    if why:
+        log.warning("%s: %s; downloading it whole to cut the section", url, why)
+        return info, None
+    headers = {k: v for k, v in (fmt.get("http_headers") or {}).items()
+               if k.lower() not in _SECRET_HEADERS}
+    dst = tmp / "section.flac"
+    cmd = [ffmpeg, "-nostdin", "-hide_banner", "-loglevel", "error", "-y",
+           "-rw_timeout", str(int(cfg.timeout_s * 1e6))]
+    if headers:
+        cmd += ["-headers", "".join(f"{k}: {v}\r\n" for k, v in headers.items())]
+    cmd += ["-ss", f"{start_s:.6f}"]
+    if end_s is not None:
+        cmd += ["-t", f"{end_s - start_s:.6f}"]
+    cmd += ["-i", media_url, "-vn", "-sn", "-dn", "-c:a", "flac", "-fs", str(cfg.max_bytes),
+            "-f", "flac", str(dst)]
+    env = dict(os.environ)
+    if session.proxy:
+        env["http_proxy"] = env["HTTP_PROXY"] = session.proxy
+    try:
+        done = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, env=env, timeout=cfg.deadline_s)
+    except subprocess.TimeoutExpired as e:
+        raise DownloadError(url, f"timeout (the section cut took over {cfg.deadline_s:g} s; "
+                                 f"ingest.download.deadline_s)", network=True) from e
+    if done.returncode == 0 and dst.is_file() and dst.stat().st_size > 0:
+        if dst.stat().st_size >= cfg.max_bytes:
+            raise DownloadError(url, f"too large: the section is over "
+                                     f"ingest.download.max_bytes = {cfg.max_bytes}", True)
+        return info, dst
+    err = done.stderr.decode(errors="replace").strip().splitlines()
+    log.warning("%s: ffmpeg could not cut the section (%s); downloading it whole", url,
+                err[-1][:200] if err else f"exit {done.returncode}")
+    dst.unlink(missing_ok=True)
+    return info, None
+
+
+class _Stop(Exception):
+    """Raised from a progress hook to stop a download past a cap."""
+
+    def __init__(self, error: DownloadError):
+        super().__init__(error.reason)
+        self.error = error
+
+
+def _ydl_whole(url: str, session: _Session, tmp: Path) -> tuple[dict[str, Any], Path]:
+    """Download ``url`` whole into ``tmp`` with yt-dlp's own (in-process) downloaders."""
+    cfg = session.cfg
+    start = time.monotonic()
+
+    def too_long(info: dict, *, incomplete: bool = False) -> str | None:
+        d = info.get("duration")
+        if d and d > cfg.max_seconds:
+            raise _Stop(DownloadError(url, f"too long: {d:g} s is over "
+                                           f"ingest.download.max_seconds = {cfg.max_seconds:g}",
+                                      True))
+        return None
+
+    def guard(d: dict) -> None:
+        size = max(d.get("total_bytes") or 0, d.get("total_bytes_estimate") or 0,
+                   d.get("downloaded_bytes") or 0)
+        if size > cfg.max_bytes:
+            raise _Stop(DownloadError(url, f"too large: over ingest.download.max_bytes = "
+                                           f"{cfg.max_bytes} bytes", True))
+        if time.monotonic() - start > cfg.deadline_s:
+            raise _Stop(DownloadError(url, f"timeout (the download took over "
+                                           f"{cfg.deadline_s:g} s; ingest.download.deadline_s)",
+                                      network=True))
+
+    opts = session.opts(outtmpl={"default": "media.%(ext)s"},
+                        paths={"home": str(tmp), "temp": str(tmp)},
+                        progress_hooks=[guard], match_filter=too_long)
 
     def run() -> dict:
-        if ffmpeg:
-            # FFmpegFD.available() ignores the ffmpeg_location param and reads
-            # this context variable (set only by yt-dlp's CLI); copy_context
-            # keeps the setting to this call.
-            from yt_dlp.postprocessor.ffmpeg import FFmpegPostProcessor
-            FFmpegPostProcessor._ffmpeg_location.set(ffmpeg)
+        # FFmpegFD.available() reads this context variable, not the param
+        from yt_dlp.postprocessor.ffmpeg import FFmpegPostProcessor
+        FFmpegPostProcessor._ffmpeg_location.set(_no_ffmpeg_dir())
         with yt_dlp.YoutubeDL(opts) as ydl:
             return ydl.extract_info(url, download=True)
 
     try:
         info = contextvars.copy_context().run(run)
+    except _Stop as e:
+        raise e.error from None
     except yt_dlp.utils.YoutubeDLError as e:
-        reason, permanent = _classify(e)
-        raise DownloadError(url, reason, permanent) from e
+        stop = _find_cause(e, _Stop)
+        if stop is not None:
+            raise stop.error from None
+        raise _classified(url, e, cfg) from e
     if info and info.get("_type") == "playlist":
         info = next(iter(info.get("entries") or []), None) or {}
     files = [p for p in tmp.iterdir() if p.is_file() and not p.name.endswith((".part", ".ytdl"))]
     if len(files) != 1:
         raise DownloadError(url, "no file downloaded" if not files else "several files downloaded", True)
     return info or {}, files[0]
-
-
-def _ydl_opts(cfg: DownloadConfig, tmp: Path, ffmpeg: str | None) -> dict[str, Any]:
-    opts: dict[str, Any] = {
-        "format": cfg.format,
-        "outtmpl": {"default": "media.%(ext)s"},
-        "paths": {"home": str(tmp), "temp": str(tmp)},
-        "socket_timeout": cfg.timeout_s,
-        # fetch() owns retries (with backoff); yt-dlp's own would multiply them
-        "retries": 0, "extractor_retries": 0, "fragment_retries": cfg.retries,
-        "noplaylist": True, "playlist_items": "1",
-        "quiet": True, "noprogress": True, "color": "never",
-        "logger": _YdlLogger(),
-        "cachedir": False, "overwrites": True, "continuedl": False,
-        # YouTube needs a JS runtime (plus the yt-dlp-ejs package); yt-dlp
-        # only tries deno unless told, so offer whichever is installed
-        "js_runtimes": {n: {} for n in ("deno", "node", "bun") if shutil.which(n)} or {"deno": {}},
-    }
-    if ffmpeg:
-        opts["ffmpeg_location"] = ffmpeg
-    if cfg.cookies:
-        opts["cookiefile"] = cfg.cookies
-    if cfg.proxy:
-        opts["proxy"] = cfg.proxy
-    return opts
 
 
 class _YdlLogger:
@@ -266,29 +497,52 @@ class _YdlLogger:
         _ydl_log.warning("%s", msg)
 
 
-def _classify(exc: BaseException) -> tuple[str, bool]:
-    """(short reason, permanent?) for a yt-dlp error."""
-    from yt_dlp.networking.exceptions import HTTPError, TransportError
-
-    causes, seen = [exc], set()
-    while causes:
-        e = causes.pop()
+def _causes(exc: BaseException):
+    """``exc`` and what it wraps (yt-dlp keeps causes in three places)."""
+    todo, seen = [exc], set()
+    while todo:
+        e = todo.pop()
         if e is None or id(e) in seen:
             continue
         seen.add(id(e))
-        if isinstance(e, HTTPError):
-            return f"unavailable (HTTP {e.status})", e.status in _PERMANENT_HTTP
-        if isinstance(e, TransportError) and "timed out" not in str(e).lower():
-            return "unreachable", False
+        yield e
         exc_info = getattr(e, "exc_info", None)
-        causes += [getattr(e, "cause", None), e.__cause__,
-                   exc_info[1] if isinstance(exc_info, tuple) and len(exc_info) > 1 else None]
+        todo += [getattr(e, "cause", None), e.__cause__, e.__context__,
+                 exc_info[1] if isinstance(exc_info, tuple) and len(exc_info) > 1 else None]
+
+
+def _find_cause(exc: BaseException, tp: type) -> Any:
+    return next((e for e in _causes(exc) if isinstance(e, tp)), None)
+
+
+def _classified(url: str, exc: BaseException, cfg: DownloadConfig) -> DownloadError:
+    """The DownloadError for a yt-dlp error: reason, permanent?, network?"""
+    from yt_dlp.networking.exceptions import HTTPError, TransportError
+
+    for e in _causes(exc):
+        if isinstance(e, HTTPError):
+            if e.status in _PERMANENT_HTTP:
+                return DownloadError(url, f"unavailable (HTTP {e.status})", True)
+            if e.status == 429:
+                return DownloadError(url, "rate limited (HTTP 429)", network=True)
+            if e.status >= 500:
+                return DownloadError(url, f"server error (HTTP {e.status})", network=True)
+            return DownloadError(url, f"refused (HTTP {e.status})")
+        timed_out = isinstance(e, TimeoutError) or (
+            isinstance(e, TransportError) and "timed out" in str(e).lower())
+        if timed_out:
+            return DownloadError(url, f"timeout (no answer within {cfg.timeout_s:g} s)",
+                                 network=True)
+        if isinstance(e, TransportError):
+            return DownloadError(url, "unreachable", network=True)
     msg = str(exc).lower()
+    if "timed out" in msg:
+        return DownloadError(url, f"timeout (no answer within {cfg.timeout_s:g} s)", network=True)
     for pattern, reason, permanent in _MESSAGE_REASONS:
         if pattern in msg:
-            return reason, permanent
+            return DownloadError(url, reason, permanent)
     short = re.sub(r"^error:\s*", "", str(exc).splitlines()[0].strip(), flags=re.I)
-    return f"failed: {short[:160]}", False
+    return DownloadError(url, f"failed: {short[:160]}")
 
 
 @functools.lru_cache(maxsize=1)
@@ -307,8 +561,8 @@ def _ffmpeg_exe() -> str | None:
 # ---------------------------------------------------------------- audio
 
 
-def _probe(url: str, path: Path, decode: bool) -> dict[str, Any]:
-    """Container facts of a downloaded file; raises if it holds no audio.
+def _probe(url: str, path: Path, decode: bool, max_seconds: float) -> dict[str, Any]:
+    """Container facts of a downloaded file; raises if it holds no audio or is too long.
 
     With ``decode`` (sections, which are short) the duration is counted in
     decoded samples: a section past the end of the media leaves a FLAC header
@@ -329,37 +583,62 @@ def _probe(url: str, path: Path, decode: bool) -> dict[str, Any]:
         raise DownloadError(url, "not a decodable media file", True) from e
     if duration is not None and duration <= 0:
         raise DownloadError(url, "empty audio (section beyond the end?)", True)
+    if duration is not None and duration > max_seconds * 1.001:
+        raise DownloadError(url, f"too long: {duration:.1f} s is over "
+                                 f"ingest.download.max_seconds = {max_seconds:g}", True)
     return info
 
 
 def _trim_local(url: str, src: Path, start_s: float, end_s: float | None, dst: Path) -> Path:
-    """Decode [start_s, end_s) of ``src`` with PyAV and write it as FLAC."""
+    """Write [start_s, end_s) of ``src`` as FLAC, decoding with PyAV frame by frame.
+
+    Seeks near ``start_s`` first and stops at ``end_s``, and each frame goes
+    to the FLAC writer as it is decoded, so memory holds one frame, never the
+    file.
+    """
+    out, written = None, 0
     try:
         with av.open(str(src)) as c:
             if not c.streams.audio:
                 raise DownloadError(url, "no audio stream", True)
             st = c.streams.audio[0]
-            rate = st.rate
-            resampler = av.AudioResampler(format="fltp")  # layout and rate kept
-            chunks, pos = [], 0  # pos: samples decoded so far, when frames lack times
-            for frame in c.decode(st):
-                for out in resampler.resample(frame):
-                    t0 = out.time if out.time is not None else pos / rate
-                    pos += out.samples
-                    chunks.append((t0, out.to_ndarray()))  # (C, N) float32
+            for rate, t0, a in _frames_from(c, st, start_s):  # a: float32 (N, C)
+                if end_s is not None and t0 >= end_s:
+                    break
+                i0 = max(0, round((start_s - t0) * rate))
+                i1 = len(a) if end_s is None else min(len(a), round((end_s - t0) * rate))
+                if i1 <= i0:
+                    continue
+                if out is None:
+                    out = sf.SoundFile(str(dst), "w", rate, a.shape[1], "PCM_24", format="FLAC")
+                out.write(a[i0:i1])
+                written += i1 - i0
     except av.error.FFmpegError as e:
         raise DownloadError(url, "not a decodable media file", True) from e
-    if not chunks:
-        raise DownloadError(url, "empty audio", True)
-    t_first = chunks[0][0]
-    audio = np.concatenate([a for _, a in chunks], axis=1)  # (C, N)
-    i0 = max(0, round((start_s - t_first) * rate))
-    i1 = audio.shape[1] if end_s is None else max(i0, round((end_s - t_first) * rate))
-    section = audio[:, i0:i1]
-    if section.shape[1] == 0:
+    finally:
+        if out is not None:
+            out.close()
+    if written == 0:
         raise DownloadError(url, "empty audio (section beyond the end?)", True)
-    sf.write(str(dst), np.ascontiguousarray(section.T), rate, format="FLAC", subtype="PCM_24")
     return dst
+
+
+def _frames_from(c, st, start_s: float):
+    """(rate, start time, float32[N, C]) of each decoded frame that ends after ``start_s``."""
+    rate = st.rate
+    if start_s > 0 and st.time_base:
+        try:  # to the keyframe at or before start_s; frame times say where we are
+            c.seek(int(start_s / st.time_base), stream=st, backward=True)
+        except av.error.FFmpegError:
+            c.seek(0, stream=st)
+    resampler = av.AudioResampler(format="flt")  # packed float32; layout and rate kept
+    pos = 0.0  # time of the next sample, for frames without a time
+    for frame in c.decode(st):
+        for fr in resampler.resample(frame):
+            t0 = fr.time if fr.time is not None else pos
+            pos = t0 + fr.samples / rate
+            if pos > start_s:
+                yield rate, t0, fr.to_ndarray().reshape(fr.samples, -1)
 
 
 # ---------------------------------------------------------------- many
@@ -371,11 +650,15 @@ def download_all(requests: list[dict[str, Any]], cfg: DownloadConfig,
 
     Each request has ``url`` and optional ``start_s``/``end_s``; one that
     already carries an ``error`` (a bad line or row) is not downloaded.
-    Identical requests are downloaded once.
+    Identical requests are downloaded once. Once the circuit breaker opens
+    (``cfg.breaker`` network failures in a row), the rest fail at once.
 
     Returns:
         One entry per request, in request order: the cached file's Path, or
         the DownloadError that stopped it.
+
+    Raises:
+        ConfigError: ``$CANTUS_COOKIES`` names a file that cannot be read.
     """
     results: list[Path | DownloadError | None] = [None] * len(requests)
     by_key: dict[str, list[int]] = {}
@@ -385,27 +668,30 @@ def download_all(requests: list[dict[str, Any]], cfg: DownloadConfig,
             results[i] = DownloadError(url, str(req.get("error") or "no url"), True)
             continue
         by_key.setdefault(cache_key(url, req.get("start_s"), req.get("end_s")), []).append(i)
-    with ThreadPoolExecutor(max_workers=max(1, cfg.concurrency)) as pool, \
+    with _Session(cfg) as session, \
+            ThreadPoolExecutor(max_workers=max(1, cfg.concurrency)) as pool, \
             tqdm(total=len(requests), desc="download", unit="file",
                  disable=None if progress else True) as bar:
         bar.update(len(requests) - sum(map(len, by_key.values())))
-        futures = {pool.submit(_fetch_guarded, requests[ix[0]], cfg, Path(cache_dir)): ix
+        futures = {pool.submit(_fetch_guarded, requests[ix[0]], cfg, Path(cache_dir), session): ix
                    for ix in by_key.values()}
         for fut in as_completed(futures):
             for i in futures[fut]:
                 results[i] = fut.result()
             bar.update(len(futures[fut]))
-    failed = sum(isinstance(r, DownloadError) for r in results)
-    log.info("downloads: %d ok, %d failed", len(results) - failed, failed)
+    failed = [r for r in results if isinstance(r, DownloadError)]
+    log.info("downloads: %d ok, %d failed (%d transient)", len(results) - len(failed),
+             len(failed), sum(not r.permanent for r in failed))
     return results  # type: ignore[return-value]
 
 
-def _fetch_guarded(req: dict[str, Any], cfg: DownloadConfig, cache_dir: Path) -> Path | DownloadError:
+def _fetch_guarded(req: dict[str, Any], cfg: DownloadConfig, cache_dir: Path,
+                   session: _Session) -> Path | DownloadError:
     url = req["url"]
     try:
-        return fetch(url, req.get("start_s"), req.get("end_s"), cfg, cache_dir)
+        return fetch(url, req.get("start_s"), req.get("end_s"), cfg, cache_dir, session=session)
     except DownloadError as e:
-        log.warning("%s", e)
+        (log.debug if session.breaker.is_open else log.warning)("%s", e)
         return e
     except Exception as e:  # every input must end in a result or a reject
         log.exception("unexpected error downloading %s", url)

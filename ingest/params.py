@@ -6,6 +6,7 @@ required and unknown keys are rejected by name.
 
 from __future__ import annotations
 
+import urllib.parse
 from dataclasses import dataclass
 
 from cantus.config import ConfigError
@@ -41,16 +42,34 @@ class DownloadConfig:
     concurrency: int          # downloads in flight at once
     retries: int              # attempts after the first failure
     backoff_s: float          # first retry delay; doubles after each failure
-    timeout_s: float          # socket timeout per request
-    cookies: str              # path of a cookies.txt file, "" for none
-    proxy: str                # proxy URL, "" for none
+    timeout_s: float          # socket and ffmpeg read timeout per request
+    deadline_s: float         # longest one ffmpeg section cut or whole download may take
+    breaker: int              # consecutive network failures that stop all downloads (0: off)
+    max_bytes: int            # largest download (whole file or cut section)
+    max_seconds: float        # longest media (or section) downloaded
+    cookies: str              # must be "": the cookies file comes from $CANTUS_COOKIES
+    proxy: str                # proxy URL without credentials, "" for none ($CANTUS_PROXY wins)
     format: str               # yt-dlp format selector (audio only)
 
     def __post_init__(self):
-        _require("{ytid}" in self.url_template, "ingest.download.url_template",
-                 "must contain {ytid}")
-        _require(self.concurrency >= 1, "ingest.download.concurrency", "must be at least 1")
-        _require(self.retries >= 0, "ingest.download.retries", "must be >= 0")
+        k = "ingest.download."
+        _require("{ytid}" in self.url_template, k + "url_template", "must contain {ytid}")
+        _require(self.concurrency >= 1, k + "concurrency", "must be at least 1")
+        _require(self.retries >= 0, k + "retries", "must be >= 0")
+        _require(self.backoff_s >= 0, k + "backoff_s", "must be >= 0")
+        _require(self.timeout_s > 0, k + "timeout_s", "must be positive")
+        _require(self.deadline_s >= self.timeout_s, k + "deadline_s", "must be >= timeout_s")
+        _require(self.breaker >= 0, k + "breaker", "must be >= 0 (0 turns it off)")
+        _require(self.max_bytes >= 1 << 16, k + "max_bytes", "must be at least 65536")
+        _require(self.max_seconds > 0, k + "max_seconds", "must be positive")
+        # params land in dvc.lock, so they must hold no secret
+        _require(self.cookies == "", k + "cookies",
+                 "must be empty: a cookies path in params lands in dvc.lock; "
+                 "set the environment variable CANTUS_COOKIES instead")
+        proxy = urllib.parse.urlsplit(self.proxy if "://" in self.proxy else "//" + self.proxy)
+        _require(not (proxy.username or proxy.password), k + "proxy",
+                 "holds credentials, which would land in dvc.lock; "
+                 "set the environment variable CANTUS_PROXY instead")
 
 
 @dataclass(frozen=True)
@@ -67,6 +86,9 @@ class IngestConfig:
     trim_db: float            # leading/trailing audio this far under the peak is cut (0: off)
     min_seconds: float        # shortest input kept
     max_seconds: float        # longest input read (the rest is ignored)
+    max_sample_rate: int      # inputs whose header states a higher rate are rejected undecoded
+    max_channels: int         # ... more channels than this
+    max_decoded_mb: float     # ... decoded float32 audio (up to max_seconds) larger than this
     chunk_seconds: float      # chunk length
     hop_seconds: float        # distance between chunk starts
     min_chunk_seconds: float  # a trailing chunk shorter than this is dropped
@@ -76,6 +98,7 @@ class IngestConfig:
     flac_bits: int            # 16 or 24
     num_workers: int          # parallel workers; 0 = all cores
     executor: str             # "ray" or "local" (in-process, for debugging)
+    max_failed_fraction: float  # the stage fails when more downloads than this failed transiently
     download: DownloadConfig
 
     def __post_init__(self):
@@ -96,3 +119,9 @@ class IngestConfig:
         _require(self.trim_db >= 0, k + "trim_db", "must be >= 0 (0 turns trimming off)")
         _require(self.num_workers >= 0, k + "num_workers", "must be >= 0 (0 = all cores)")
         _require(self.executor in ("ray", "local"), k + "executor", "must be 'ray' or 'local'")
+        _require(self.max_sample_rate >= self.min_sample_rate, k + "max_sample_rate",
+                 "must be >= min_sample_rate")
+        _require(self.max_channels >= 1, k + "max_channels", "must be at least 1")
+        _require(self.max_decoded_mb > 0, k + "max_decoded_mb", "must be positive")
+        _require(0 <= self.max_failed_fraction <= 1, k + "max_failed_fraction",
+                 "must be in [0, 1]")

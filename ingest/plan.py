@@ -22,7 +22,7 @@ import pyarrow as pa
 from cantus import shards
 from cantus.ingest.dedup import find_duplicates
 from cantus.ingest.params import IngestConfig
-from cantus.ingest.sources import flat_tags
+from cantus.ingest.sources import flat_tags, printable
 from cantus.ingest.staging import load_flac
 
 SPLITS = ("train", "valid")
@@ -76,7 +76,8 @@ class Plan:
         self._assign()
 
     def _reject(self, rec, reason, detail, **extra):
-        row = {"input": rec["uri"], "kind": rec["kind"], "reason": reason, "detail": detail,
+        row = {"input": printable(rec["uri"]), "kind": rec["kind"], "reason": reason,
+               "detail": printable(detail),
                "chunk_key": None, "duplicate_of": None, "duplicate_of_input": None,
                "source_hash": None, "similarity": None}
         row.update(extra)
@@ -145,16 +146,17 @@ class Plan:
         for name, members in self.shards.items():
             yield {"path": f"{out}/{name}", "name": name,
                    "samples": [(k.chunk["key"], k.res["staging"],
-                                json.dumps(self.sample_json(k), sort_keys=True,
-                                           ensure_ascii=False)) for k in members]}
+                                printable(json.dumps(self.sample_json(k), sort_keys=True,
+                                                     ensure_ascii=False))) for k in members]}
 
     def manifest_table(self) -> pa.Table:
         rows = [self.sample_json(k) | {"shard": k.shard} for k in self.kept]
         cols = ["key", "split", "shard", "source", "source_kind", "source_hash", "offset_s",
                 "duration_s", "sample_rate", "caption", "licence", "pcm_hash"]
-        data = {c: [r[c] for r in rows] for c in cols}
-        data["tags"] = [flat_tags(r["tags"]) for r in rows]
-        data["meta_json"] = [json.dumps(r["meta"], sort_keys=True, ensure_ascii=False)
+        data = {c: [printable(r[c]) if isinstance(r[c], str) else r[c] for r in rows]
+                for c in cols}
+        data["tags"] = [[printable(t) for t in flat_tags(r["tags"])] for r in rows]
+        data["meta_json"] = [printable(json.dumps(r["meta"], sort_keys=True, ensure_ascii=False))
                              for r in rows]
         schema = pa.schema([(c, pa.float64() if c in ("offset_s", "duration_s") else
                              pa.int32() if c == "sample_rate" else pa.string()) for c in cols]

@@ -5,7 +5,8 @@ file, and the ``IngestConfig``. Comes out: either a reject ``(reason,
 message)`` or the input's chunks, each with its content-derived key, FLAC
 bytes, PCM hash and a spectral fingerprint for near-duplicate search.
 
-Steps: decode -> check rate, finiteness and clipping -> downmix to mono ->
+Steps: check the header's rate, channels and duration against the limits ->
+decode -> check rate, finiteness and clipping -> downmix to mono ->
 resample -> check length and silence -> loudness-normalise (ITU-R BS.1770) ->
 cut into chunks. Pure computation on one file: no shared state, so it runs
 the same in-process, in a Ray task or on another machine.
@@ -65,7 +66,10 @@ def process_file(rec: dict[str, Any], cfg: IngestConfig, source_hash: str) -> Pr
     path = rec["path"]
     out = Processed(source_hash=source_hash)
     try:  # a downloaded section is already cut to [start_s, end_s]
-        x, rate = audio.decode(path, max_seconds=cfg.max_seconds)
+        x, rate = audio.decode(path, max_seconds=cfg.max_seconds,
+                               max_sample_rate=cfg.max_sample_rate,
+                               max_channels=cfg.max_channels,
+                               max_decoded_mb=cfg.max_decoded_mb)
     except audio.AudioError as e:
         out.reject = (e.reason, str(e))
         return out

@@ -26,6 +26,7 @@ import argparse
 import logging
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,8 @@ log = logging.getLogger(__name__)
 
 
 class IngestError(RuntimeError):
-    """The stage cannot produce output (every input failed)."""
+    """The stage cannot produce output (every input failed), or too many
+    downloads failed transiently for the output to be a dataset version."""
 
 
 @dataclass(frozen=True)
@@ -107,10 +109,29 @@ def run(cfg: IngestConfig, inputs: Inputs, out: str | Path, cache: str | Path,
     log.info("ingest phases: %s", ", ".join(f"{p} {b - a:.2f} s" for p, a, b
                                             in zip(phases, clock, clock[1:])))
     log.info("ingest: %s", {**stats, **stats_run})
+    if (why := transient_failures(cfg, records)) is not None:
+        raise IngestError(f"{why}; reasons in {out}/rejects.parquet")
     if stats["chunks"] == 0:
         raise IngestError(f"all {len(records)} inputs were rejected; "
                           f"reasons in {out}/rejects.parquet: {stats['rejects_by_reason']}")
     return {**stats, **stats_run}
+
+
+def transient_failures(cfg: IngestConfig, records: list[dict[str, Any]]) -> str | None:
+    """Why the stage must fail when more than ``cfg.max_failed_fraction`` of the
+    requested downloads failed transiently (network down, timeouts, HTTP 5xx),
+    else None. Such a run would lock a smaller dataset that no rerun replaces."""
+    requested = [r for r in records if r["kind"] != "local" and
+                 (r["error"] is None or r["error"][0] in sources.DOWNLOAD_REASONS)]
+    failed = [r for r in requested if r["error"] and r["error"][0] == "download_transient"]
+    if not failed or len(failed) <= cfg.max_failed_fraction * len(requested):
+        return None
+    causes = Counter(r["error"][1][len(r["uri"]) + 2:].split(" (")[0].split(":")[0]
+                     for r in failed)
+    return (f"{len(failed)} of {len(requested)} downloads failed transiently "
+            f"({', '.join(f'{c}: {n}' for c, n in causes.most_common())}), more than "
+            f"ingest.max_failed_fraction = {cfg.max_failed_fraction:g}; transient failures "
+            f"are not cached, so a rerun retries them")
 
 
 def gather(cfg: IngestConfig, inputs: Inputs, cache: str) -> list[dict[str, Any]]:
@@ -169,6 +190,9 @@ def main(argv: list[str] | None = None) -> int:
         init_ray(cfg.num_workers)
     try:
         stats = run(cfg, inputs, args.out, args.cache, args.stats)
+    except (ConfigError, FileNotFoundError) as e:  # a bad captions table, $CANTUS_COOKIES, ...
+        print(f"cantus ingest: configuration error: {e}", file=sys.stderr)
+        return 2
     except IngestError as e:
         print(f"cantus ingest: {e}", file=sys.stderr)
         return 1

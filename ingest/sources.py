@@ -27,6 +27,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from cantus.config import ConfigError
+
 log = logging.getLogger(__name__)
 
 AUDIO_EXTS = {".wav", ".wave", ".flac", ".mp3", ".ogg", ".oga", ".opus",
@@ -46,8 +48,24 @@ def new_input(uri: str, kind: str, **fields: Any) -> dict[str, Any]:
     return rec
 
 
+def printable(text: str) -> str:
+    """``text`` as valid UTF-8: bytes a file name held that are not UTF-8 (which
+    Python keeps as lone surrogates) are written as ``\\xNN``; other text is unchanged."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def read_caption_table(path: Path) -> dict[str, dict[str, Any]]:
-    """Read a captions CSV/JSONL into {resolved path: {caption, tags, licence, ...}}."""
+    """Read a captions CSV/JSONL into {resolved path: {caption, tags, licence, ...}}.
+
+    Raises:
+        ConfigError: (a ValueError) naming the table and line of a row that is not valid JSON,
+            has a CSV field over the csv module's limit (128 KiB), or lacks
+            the ``path`` and ``caption`` columns.
+    """
     rows: list[dict[str, Any]] = []
     if path.suffix == ".jsonl":
         with path.open(encoding="utf-8") as f:
@@ -56,16 +74,20 @@ def read_caption_table(path: Path) -> dict[str, dict[str, Any]]:
                     try:
                         rows.append(json.loads(line))
                     except json.JSONDecodeError as e:
-                        raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from e
+                        raise ConfigError(f"{path}:{n}: not valid JSON ({e.msg})") from e
     elif path.suffix == ".csv":
         with path.open(encoding="utf-8", newline="") as f:
-            rows = list(csv.DictReader(f))
+            reader = csv.DictReader(f)
+            try:
+                rows = list(reader)
+            except csv.Error as e:
+                raise ConfigError(f"{path}:{reader.line_num}: bad CSV row ({e})") from e
     else:
-        raise ValueError(f"{path}: captions table must be .jsonl or .csv")
+        raise ConfigError(f"{path}: captions table must be .jsonl or .csv")
     table = {}
     for n, row in enumerate(rows, 1):
         if "path" not in row or "caption" not in row:
-            raise ValueError(f"{path}: row {n} needs 'path' and 'caption' columns")
+            raise ConfigError(f"{path}: row {n} needs 'path' and 'caption' columns")
         key = os.path.normpath(os.path.join(path.parent, row["path"]))
         table[os.path.abspath(key)] = row
     return table
@@ -135,12 +157,13 @@ def local_inputs(specs: list[str], caption_files: list[str] = ()) -> list[dict[s
         if ext in SIDECAR_EXTS and str(f.with_suffix("")) in audio_stems:
             continue
         # the uri is the path as the source spec gave it (relative stays relative), so the
-        # manifest of a clone at another absolute path is byte-identical; reading uses `path`
-        rec = new_input(str(files[key]), "local", path=key)
+        # manifest of a clone at another absolute path is byte-identical; reading uses `path`.
+        # A name that is not UTF-8 is kept, with its stray bytes escaped in the uri.
+        rec = new_input(printable(str(files[key])), "local", path=key)
         if ext not in AUDIO_EXTS:
             hint = " (headerless raw PCM: add a WAV header)" if ext in (".raw", ".pcm") else ""
-            rec["error"] = ("unsupported_type",
-                            f"{key}: unsupported file type '{ext or '(none)'}'{hint}")
+            rec["error"] = ("unsupported_type", f"{printable(key)}: unsupported file type "
+                                                f"'{printable(ext) or '(none)'}'{hint}")
         else:
             _apply_caption(rec, _caption_from_sidecar(f) or captions.get(key))
         inputs.append(rec)
@@ -199,7 +222,10 @@ def musiccaps_inputs(path: str, url_template: str) -> list[dict[str, Any]]:
     recs = []
     for item in read_musiccaps(path, url_template):
         start, end = item["start_s"], item["end_s"]
-        uri = item["url"] if start is None else f"{item['url']}#t={start:g},{end:g}"
+        if not item["ytid"]:
+            uri = f"{path}:{item['line']}"
+        else:
+            uri = item["url"] if start is None else f"{item['url']}#t={start:g},{end:g}"
         meta = {k: item[k] for k in ("ytid", "url", "audioset_labels", "author_id",
                                      "is_balanced_subset", "is_audioset_eval", "line")}
         meta["csv"] = str(path)
@@ -211,8 +237,18 @@ def musiccaps_inputs(path: str, url_template: str) -> list[dict[str, Any]]:
     return recs
 
 
-def fetch_remote(records: list[dict[str, Any]], cfg, cache_dir: Path) -> None:
-    """Download every remote record into the cache; set its ``path`` or its ``error``."""
+DOWNLOAD_REASONS = ("download_failed", "download_transient")
+
+
+def fetch_remote(records: list[dict[str, Any]], cfg, cache_dir: Path) -> int:
+    """Download every remote record into the cache; set its ``path`` or its ``error``.
+
+    A permanent failure (HTTP 404, private or removed video, no audio, over
+    a size cap) is ``download_failed``; a transient one (unreachable,
+    timeout, HTTP 5xx or 429, not tried after the circuit breaker opened) is
+    ``download_transient``. Failures are never cached, so a rerun tries
+    both again. Returns how many downloads were requested.
+    """
     from cantus.ingest.download import download_all
 
     todo = [r for r in records if r["error"] is None]
@@ -220,7 +256,9 @@ def fetch_remote(records: list[dict[str, Any]], cfg, cache_dir: Path) -> None:
                 for r in todo]
     for rec, got in zip(todo, download_all(requests, cfg, cache_dir)):
         if isinstance(got, Exception):
-            rec["error"] = ("download_failed", f"{rec['uri']}: {getattr(got, 'reason', got)}")
+            permanent = getattr(got, "permanent", False)
+            rec["error"] = (DOWNLOAD_REASONS[not permanent],
+                            f"{rec['uri']}: {getattr(got, 'reason', got)}")
             continue
         rec["path"] = str(got)
         info = _download_info(Path(got))
@@ -228,6 +266,7 @@ def fetch_remote(records: list[dict[str, Any]], cfg, cache_dir: Path) -> None:
                             if info.get(k) is not None})
         if not rec["licence"] and info.get("license"):
             rec["licence"] = str(info["license"])
+    return len(todo)
 
 
 def _download_info(media: Path) -> dict[str, Any]:

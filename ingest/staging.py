@@ -28,6 +28,7 @@ from cantus.ingest.process import process_file
 # Params that change what process_file produces for one input.
 _PROCESSING_KEYS = ("sample_rate", "min_sample_rate", "loudness_lufs", "peak_limit",
                     "silence_dbfs", "clip_fraction", "trim_db", "min_seconds", "max_seconds",
+                    "max_sample_rate", "max_channels", "max_decoded_mb",
                     "chunk_seconds", "hop_seconds", "min_chunk_seconds", "flac_bits")
 
 
@@ -37,19 +38,37 @@ def processing_hash(cfg: IngestConfig) -> str:
     return config_hash(picked)
 
 
+def _failed(reason: str, detail: str, source_hash: str | None = None) -> dict[str, Any]:
+    return {"reject": [reason, detail], "chunks": [], "seconds_in": 0.0, "cached": False,
+            "staging": None, "source_hash": source_hash}
+
+
 def process_task(rec: dict[str, Any], cfg: IngestConfig, staging_dir: str) -> dict[str, Any]:
-    """Process (or load from the cache) one input; returns its summary."""
+    """Process (or load from the cache) one input; returns its summary.
+
+    Never raises for a bad input: an unreadable file is a ``read_error``
+    reject and any unexpected exception while decoding or cleaning it is a
+    ``process_error`` reject naming the input and the exception. Neither is
+    cached, so a rerun tries the input again.
+    """
     try:
         source_hash = audio.file_hash(rec["path"])
     except OSError as e:
-        return {"reject": ["read_error", f"{rec['path']}: cannot read ({e.strerror or e})"],
-                "chunks": [], "seconds_in": 0.0, "cached": False, "staging": None}
+        return _failed("read_error", f"{rec['uri']}: cannot read ({e.strerror or e})")
     path = f"{staging_dir}/{source_hash[:32]}.tar"
     if shards.exists(path):
-        summary = load_summary(path)
-        summary["cached"] = True
-        return summary
-    res = process_file(rec, cfg, source_hash)
+        try:
+            summary = load_summary(path)
+        except Exception:  # an unreadable cache entry is recomputed and rewritten
+            summary = None
+        if summary is not None:
+            summary["cached"] = True
+            return summary
+    try:
+        res = process_file(rec, cfg, source_hash)
+    except Exception as e:  # one bad input must not abort the run
+        return _failed("process_error", f"{rec['uri']}: unexpected {type(e).__name__} while "
+                                        f"processing: {str(e)[:300]}", source_hash)
     summary = {
         "source_hash": res.source_hash, "seconds_in": res.seconds_in,
         "sample_rate_in": res.sample_rate_in, "channels_in": res.channels_in,

@@ -51,7 +51,9 @@ def read_musiccaps(path: str | Path, url_template: str) -> list[dict[str, Any]]:
     Each item holds ``ytid, url, start_s, end_s, caption, aspect_list
     (list[str]), audioset_labels (list[str]), author_id, is_balanced_subset,
     is_audioset_eval, line`` and ``licence`` when the CSV has such a column.
-    A bad row (no ytid, non-numeric or empty section) carries an ``error``.
+    A bad row (no ytid, non-numeric or empty section, a field over the csv
+    module's 128 KiB limit) carries an ``error``; reading goes on with the
+    next line.
 
     Raises:
         ValueError: the template lacks ``{ytid}`` or the CSV lacks a
@@ -66,7 +68,18 @@ def read_musiccaps(path: str | Path, url_template: str) -> list[dict[str, Any]]:
         if missing:
             raise ValueError(f"{path}: missing column(s) {', '.join(missing)}")
         reader.fieldnames = header
-        return [_musiccaps_item(row, url_template, reader.line_num) for row in reader]
+        items = []
+        while True:
+            try:
+                row = next(reader)
+            except StopIteration:
+                return items
+            except csv.Error as e:  # e.g. a caption over the csv module's 128 KiB field limit
+                item = _musiccaps_item({}, url_template, reader.line_num)
+                item["error"] = f"unreadable CSV row ({e})"
+                items.append(item)
+                continue
+            items.append(_musiccaps_item(row, url_template, reader.line_num))
 
 
 def _musiccaps_item(row: dict, url_template: str, line: int) -> dict[str, Any]:

@@ -31,7 +31,8 @@ SR = 24000
 STEP_S = 6
 
 CFG = DownloadConfig(url_template="unused/{ytid}", concurrency=2, retries=0, backoff_s=0.01,
-                     timeout_s=5.0, cookies="", proxy="", format="bestaudio/best")
+                     timeout_s=5.0, deadline_s=60.0, breaker=8, max_bytes=1 << 26,
+                     max_seconds=3600.0, cookies="", proxy="", format="bestaudio/best")
 
 _TYPES = {".wav": "audio/wav", ".ogg": "audio/ogg", ".flac": "audio/flac",
           ".mkv": "video/x-matroska", ".html": "text/html"}
@@ -317,7 +318,7 @@ def test_duplicates_downloaded_once_and_order_kept(server, tmp_path):
 def test_download_all_bounds_concurrency(tmp_path, monkeypatch):
     lock, active, peak = threading.Lock(), [0], [0]
 
-    def fake_fetch(url, start_s, end_s, cfg, cache_dir):
+    def fake_fetch(url, start_s, end_s, cfg, cache_dir, session=None):
         with lock:
             active[0] += 1
             peak[0] = max(peak[0], active[0])
@@ -354,7 +355,7 @@ def test_transient_errors_retried_with_bounded_backoff(server, tmp_path):
     server.log.clear()
     with pytest.raises(DownloadError) as e:
         fetch(f"{server.base}/down/a.wav", None, None, dataclasses.replace(CFG, retries=2), tmp_path)
-    assert e.value.reason == "unavailable (HTTP 503)" and not e.value.permanent
+    assert e.value.reason == "server error (HTTP 503)" and not e.value.permanent
     assert requests_for(server, "down/a.wav") == 3  # first try + 2 retries
     server.failures["short.wav"] = 2
     path = fetch(f"{server.base}/flaky/short.wav", None, None,
