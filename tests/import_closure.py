@@ -4,9 +4,11 @@ A stage's code deps must be exactly the files its command imports, at any depth
 and inside functions too (``cantus.code_closure``), so an edit re-runs only the
 stages it can change. ``tests/test_dvc_graph.py`` compares this against
 dvc.yaml; run this file to print each stage's closure (what its ``deps`` list),
-or with ``--write`` to put it in dvc.yaml in place of the code deps there:
+or with ``--write`` to put it in dvc.yaml in place of the code deps there, or
+with ``--edit FILE...`` to count the stages an edit to each file invalidates:
 
     python tests/import_closure.py [--write]
+    python tests/import_closure.py --edit generate/sample.py cantus/audio.py
 """
 
 from __future__ import annotations
@@ -62,6 +64,28 @@ def rel(paths) -> list[str]:
     return sorted(str(p.relative_to(ROOT.resolve())) for p in paths)
 
 
+def invalidated(path: str) -> tuple[set[str], set[str]]:
+    """(stages an edit to ``path`` invalidates directly, those and every stage downstream)."""
+    st = stages()
+
+    def outs(stage: dict) -> list[str]:
+        return [o if isinstance(o, str) else next(iter(o)) for o in stage.get("outs") or []]
+
+    def reads(stage: dict, target: str) -> bool:
+        return any(d == target or target.startswith(f"{d}/") or d.startswith(f"{target}/")
+                   for d in map(str, stage.get("deps", [])))
+
+    direct = {name for name, stage in st.items() if reads(stage, path)}
+    seen, todo = set(direct), list(direct)
+    while todo:
+        for out in outs(st[todo.pop()]):
+            for name, stage in st.items():
+                if name not in seen and reads(stage, out):
+                    seen.add(name)
+                    todo.append(name)
+    return direct, seen
+
+
 def write_deps(path: Path = ROOT / "dvc.yaml") -> None:
     """Rewrite each stage's code deps in dvc.yaml (text edit: comments and order stay)."""
     closures = {name.split("@")[0]: rel(imported(st)) for name, st in stages().items()}
@@ -87,6 +111,12 @@ def write_deps(path: Path = ROOT / "dvc.yaml") -> None:
 if __name__ == "__main__":
     import sys
 
+    if sys.argv[1:2] == ["--edit"]:
+        for f in sys.argv[2:]:
+            direct, all_ = invalidated(f)
+            print(f"{f}: {len(direct)} of {len(stages())} stages, then {len(all_)}: "
+                  f"{', '.join(sorted(direct))}")
+        sys.exit(0)
     if "--write" in sys.argv[1:]:
         write_deps()
     for name, st in stages().items():

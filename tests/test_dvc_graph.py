@@ -47,3 +47,15 @@ def test_code_digest_follows_the_closure_and_nothing_else(monkeypatch):
     assert code_digest("cantus.tokenize.codec.train") != before
     monkeypatch.setattr(Path, "read_bytes", edited("sample.py"))  # generation's sampling
     assert code_digest("cantus.tokenize.codec.train") == before
+
+
+def test_an_edit_invalidates_only_the_stages_that_import_it():
+    assert ic.invalidated("generate/sample.py") == ({"generate", "evaluate"},) * 2
+    direct, _ = ic.invalidated("tokenize/codec/cpu.py")
+    assert direct == {"codec_train", "codec_eval", "tokenize_acoustic", "generate", "evaluate"}
+    for doc in ("README.md", "tokenize/README.md", "tests/test_codec.py", "bench/codec.py"):
+        assert ic.invalidated(doc) == (set(), set())
+    # the check itself follows outs to the stages below: the codec's folder feeds the acoustic
+    # tokens, which feed the pack and every LM stage
+    _, below = ic.invalidated("models/codec")
+    assert {"tokenize_acoustic", "tokenize_pack", "lm_train@fine"} <= below
