@@ -81,7 +81,7 @@ def read_caption_table(path: Path) -> dict[str, dict[str, Any]]:
             try:
                 rows = list(reader)
             except csv.Error as e:
-                raise ConfigError(f"{path}:{reader.line_num}: bad CSV row ({e})") from e
+                raise ConfigError(f"{path}:{reader.reader.line_num}: bad CSV row ({e})") from e
     else:
         raise ConfigError(f"{path}: captions table must be .jsonl or .csv")
     table = {}

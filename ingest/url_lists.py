@@ -75,7 +75,7 @@ def read_musiccaps(path: str | Path, url_template: str) -> list[dict[str, Any]]:
             except StopIteration:
                 return items
             except csv.Error as e:  # e.g. a caption over the csv module's 128 KiB field limit
-                item = _musiccaps_item({}, url_template, reader.line_num)
+                item = _musiccaps_item({}, url_template, reader.reader.line_num)
                 item["error"] = f"unreadable CSV row ({e})"
                 items.append(item)
                 continue
