@@ -41,10 +41,11 @@ def test_url_list_and_musiccaps_end_in_manifest_or_rejects(server, tmp_path, cfg
     reasons = {r["input"]: (r["reason"], r["detail"]) for r in rejects}
     assert reasons[f"{server.base}/missing.wav"][0] == "download_failed"
     assert "unavailable" in reasons[f"{server.base}/missing.wav"][1]
-    assert "unreachable" in reasons[dead][1]
+    assert reasons[dead] == ("download_transient", f"{dead}: unreachable")  # retried next run
     assert [k for k, v in reasons.items() if v[0] == "bad_row"] == sorted(
         ["not a url", f"{server.base}/vid2.wav#t=9,3"])
-    assert "unavailable" in reasons[f"{server.base}/vid404.wav#t=0,10"][1]
+    assert reasons[f"{server.base}/vid404.wav#t=0,10"][0] == "download_failed"
+    assert "unavailable (HTTP 404)" in reasons[f"{server.base}/vid404.wav#t=0,10"][1]
     got = {m["source"]: m for m in manifest}
     assert got[f"{server.base}/tune_a.wav"]["caption"] == "an upbeat test tune"
     sec = [m for m in manifest if m["source"] == f"{server.base}/vid1.wav#t=5,15"]
