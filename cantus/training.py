@@ -19,7 +19,7 @@
 - ``run_id``: what a checkpoint must match to be resumed (params, the stage's
   code, its data).
 - ``stage_main``: the command line of a stage (``--params``, ``-v``, one log
-  format; a bad config key exits 2 naming it, a missing input exits 1).
+  format; a bad config key or a missing input exits 2 naming it).
 """
 
 from __future__ import annotations
@@ -64,9 +64,9 @@ def stage_main(prog: str, doc: str, add_arguments, body, argv: list[str] | None 
 
     ``add_arguments(parser)`` adds the stage's flags (``--params`` and ``-v`` are
     there already); ``body(args)`` does the work and returns the exit status
-    (None: 0). A ``ConfigError`` (a bad or missing params key, named) exits 2
-    and a missing input (``FileNotFoundError``) exits 1, each with one line
-    on stderr naming ``prog``.
+    (None: 0). A ``ConfigError`` (a bad or missing params key, named) and a
+    missing input (``FileNotFoundError``, naming it) exit 2, each with one line
+    on stderr naming ``prog``; any other failure exits 1 with its traceback.
     """
     import argparse
     import sys
@@ -88,7 +88,7 @@ def stage_main(prog: str, doc: str, add_arguments, body, argv: list[str] | None 
         return 2
     except FileNotFoundError as e:
         print(f"{prog}: {e}", file=sys.stderr)
-        return 1
+        return 2
 
 
 def resolve_device(device: str) -> str:

@@ -18,7 +18,6 @@ Prompts of two kinds:
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import shutil
@@ -91,20 +90,24 @@ def run(gen_cfg: GenerateConfig, cfg: EvaluateConfig, models: str | Path,
     return {**summary, **speed}
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--params", default="params.yaml")
-    p.add_argument("--models", default="models")
+def _arguments(p) -> None:
+    p.add_argument("--models", default="models", help="folder of the trained models")
     p.add_argument("--audio", required=True, help="audio shard folder")
     p.add_argument("--out", required=True, help="folder for gen-NNN.wav + prompts.json")
     p.add_argument("--timing", default=None, help="JSON file for the generation speed")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+
+
+def _main(args) -> None:
     summary = run(load_section(args.params, "generate", GenerateConfig),
                   load_section(args.params, "evaluate", EvaluateConfig),
                   args.models, args.audio, args.out, args.timing)
     print(json.dumps({k: v for k, v in summary.items() if k != "prompts"}))
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from cantus.training import stage_main
+
+    return stage_main("cantus generate-eval", __doc__, _arguments, _main, argv)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ Every figure stands beside a baseline:
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 from pathlib import Path
@@ -306,24 +305,28 @@ def run(cfg: EvaluateConfig, tag_prompts: dict[str, str], generated: str | Path,
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
+def _arguments(p) -> None:
+    p.add_argument("--generated", required=True, help="generate-eval output folder")
+    p.add_argument("--audio", required=True, help="audio shard folder")
+    p.add_argument("--models", default="models", help="folder of the trained models")
+    p.add_argument("--metrics", default="metrics", help="folder of the earlier stages' metrics")
+    p.add_argument("--out", required=True, help="report folder")
+
+
+def _main(args) -> None:
     from cantus.tokenize.mulan.params import MulanConfig
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--params", default="params.yaml")
-    p.add_argument("--generated", required=True)
-    p.add_argument("--audio", required=True)
-    p.add_argument("--models", default="models")
-    p.add_argument("--metrics", default="metrics", help="folder of the earlier stages' metrics")
-    p.add_argument("--out", required=True)
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     cfg = load_section(args.params, "evaluate", EvaluateConfig)
     tags = dict(load_section(args.params, "mulan", MulanConfig).eval.prompts)
     result = run(cfg, tags, args.generated, args.audio, args.models, args.metrics, args.out)
     print(json.dumps(result["generation"], indent=1, default=str))
     print(f"report: {Path(args.out) / 'report.html'}")
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from cantus.training import stage_main
+
+    return stage_main("cantus evaluate", __doc__, _arguments, _main, argv)
 
 
 if __name__ == "__main__":

@@ -273,6 +273,23 @@ def write_wavs(wavs: np.ndarray, rate: int, out: str | Path) -> list[Path]:
     return paths
 
 
+def prompt_audio(path: str | Path) -> tuple[np.ndarray, int]:
+    """An audio prompt file -> (float32[N] mono, its sample rate): channels are averaged.
+
+    Raises FileNotFoundError naming ``--continue PATH`` when there is no such file, and
+    ValueError (the decoder's reason) when it holds no decodable audio.
+    """
+    from cantus.audio import AudioError, decode
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--continue {path}: no such file")
+    try:
+        audio, rate = decode(path)  # float32[C, N]
+    except AudioError as e:
+        raise ValueError(f"--continue: {e}") from e
+    return audio.mean(axis=0) if audio.ndim == 2 else audio, rate
+
+
 def _overrides(cfg: GenerateConfig, args: argparse.Namespace) -> GenerateConfig:
     stages: dict[str, Any] = {}
     for name in ("semantic", "coarse", "fine"):
@@ -303,23 +320,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale")
     for name in ("semantic", "coarse", "fine"):
         p.add_argument(f"--temperature-{name}", type=float)
+    p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    cfg = _overrides(load_section(args.params, "generate", GenerateConfig), args)
-    try:
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:  # a ConfigError is a ValueError: a bad key exits 2 like a bad request
+        cfg = _overrides(load_section(args.params, "generate", GenerateConfig), args)
         if not args.cont:
             check_request(args.prompt, args.seconds or cfg.seconds, cfg.max_seconds)
+        else:
+            audio, rate = prompt_audio(args.cont)
         gen = Generator(model_paths(args.models), resolve_device(args.device or cfg.device))
         if args.cont:
-            from cantus.audio import decode
-
-            audio, rate = decode(args.cont)
             wavs = gen.continue_audio(audio, rate, cfg, args.seconds,
                                       " ".join(args.prompt) or None, args.samples, args.seed)
         else:
             wavs = gen.generate(args.prompt, cfg, args.seconds, args.samples, args.seed)
     except (ValueError, FileNotFoundError) as e:
-        p.exit(2, f"cantus generate: error: {e}\n")
+        from cantus.config import ConfigError
+
+        what = "configuration error" if isinstance(e, ConfigError) else "error"
+        p.exit(2, f"cantus generate: {what}: {e}\n")
     for path in write_wavs(wavs, gen.sample_rate, args.out):
         print(path)
     return 0

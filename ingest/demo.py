@@ -24,6 +24,7 @@ import logging
 import math
 import os
 import re
+import sys
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
@@ -385,15 +386,23 @@ def _write_captions(out: Path, records: list[dict]) -> None:
     os.replace(tmp, out / "captions.jsonl")
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> int:
+    """``cantus demo``: 0 done, 2 a bad params key (one line on stderr naming it)."""
+    ap = argparse.ArgumentParser(prog="cantus demo", description=__doc__.splitlines()[0])
     ap.add_argument("--params", default="params.yaml", help="params file (section 'demo')")
     ap.add_argument("--out", default="data/demo", help="output folder")
+    ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    cfg = load_section(args.params, "demo", DemoConfig)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_section(args.params, "demo", DemoConfig)
+    except ConfigError as e:
+        print(f"cantus demo: configuration error: {e}", file=sys.stderr)
+        return 2
     print(json.dumps(run(cfg, Path(args.out)), indent=2))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -175,23 +175,44 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _check_inputs(args: argparse.Namespace) -> None:
+    """Each ``--source`` must be a folder, a file or a glob with matches, and each table a
+    file; FileNotFoundError naming the flag and path, before any work (or Ray) starts."""
+    import glob
+
+    for spec in args.source:
+        if not (Path(spec).exists() or glob.glob(spec, recursive=True)):
+            raise FileNotFoundError(f"--source {spec}: no such folder, file or glob match")
+    for flag in ("captions", "urls", "musiccaps"):
+        for path in getattr(args, flag):
+            if not Path(path).is_file():
+                raise FileNotFoundError(f"--{flag} {path}: no such file")
+
+
+def _what(e: Exception) -> str:
+    return "" if isinstance(e, FileNotFoundError) else "configuration error: "
+
+
 def main(argv: list[str] | None = None) -> int:
+    """``cantus ingest``: 0 done, 2 a bad params key or a missing input (one line on stderr
+    naming it), 1 a failed ingest (too many transient download failures, no chunks)."""
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_section(args.params, "ingest", IngestConfig)
+        _check_inputs(args)
         inputs = Inputs(tuple(args.source), tuple(args.captions), tuple(args.urls),
                         tuple(args.musiccaps))
     except (ConfigError, FileNotFoundError, ValueError) as e:
-        print(f"cantus ingest: configuration error: {e}", file=sys.stderr)
+        print(f"cantus ingest: {_what(e)}{e}", file=sys.stderr)
         return 2
     if cfg.executor == "ray":
         init_ray(cfg.num_workers)
     try:
         stats = run(cfg, inputs, args.out, args.cache, args.stats)
     except (ConfigError, FileNotFoundError) as e:  # a bad captions table, $CANTUS_COOKIES, ...
-        print(f"cantus ingest: configuration error: {e}", file=sys.stderr)
+        print(f"cantus ingest: {_what(e)}{e}", file=sys.stderr)
         return 2
     except IngestError as e:
         print(f"cantus ingest: {e}", file=sys.stderr)

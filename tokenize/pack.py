@@ -114,14 +114,27 @@ def run(audio_dir: str | Path, folders: dict[str, str | Path], out: str | Path) 
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``cantus pack``: 0 done, 2 a missing input folder, audio shard or token shard
+    (one line on stderr naming it), 1 a failure."""
     ap = argparse.ArgumentParser(prog="cantus pack", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--audio", required=True)
+    ap.add_argument("--audio", required=True, help="audio shard folder (ingest output)")
     for f in FIELDS:
         ap.add_argument(f"--{f}", required=True, help=f"{f} token folder")
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out", required=True, help="training shard folder")
+    ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    summary = run(args.audio, {f: getattr(args, f) for f in FIELDS}, args.out)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        for flag in ("audio", *FIELDS):
+            if not Path(getattr(args, flag)).is_dir():
+                raise FileNotFoundError(f"--{flag} {getattr(args, flag)}: no such folder")
+        if not any(Path(args.audio).glob("*.tar")):
+            raise FileNotFoundError(f"--audio {args.audio}: no audio shards (*.tar)")
+        summary = run(args.audio, {f: getattr(args, f) for f in FIELDS}, args.out)
+    except FileNotFoundError as e:
+        print(f"cantus pack: {e}", file=sys.stderr)
+        return 2
     print(f"pack: {summary['chunks']} chunks ({summary['hours']:.3f} h) in {summary['shards']} "
           f"shards, {summary['rejects']} rejects -> {args.out}")
     return 0

@@ -332,7 +332,11 @@ def load_config(params: str) -> TokenizeConfig:
 
 
 def field_main(tokenizer: type, argv: list[str] | None = None) -> int:
-    """The stage command of one field: ``--audio``, ``--out`` and a flag per model folder."""
+    """The stage command of one field: ``--audio``, ``--out`` and a flag per model folder.
+
+    Returns 0 done, 2 a bad params key or a missing input (one line on stderr naming it),
+    1 too many rejects.
+    """
     field = tokenizer.field
     ap = argparse.ArgumentParser(prog=f"cantus tokenize {field}",
                                  description=f"Tokenize audio shards into {field} token shards.")
@@ -342,14 +346,19 @@ def field_main(tokenizer: type, argv: list[str] | None = None) -> int:
     for name in tokenizer.models:
         ap.add_argument(f"--{name.replace('_', '-')}", dest=name, required=True,
                         help=f"{name} model folder")
+    ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_config(args.params)
         models = {m: getattr(args, m) for m in tokenizer.models}
-        for name, folder in models.items():
+        for flag, folder in {"audio": args.audio, **models}.items():
             if not Path(folder).is_dir():
-                raise FileNotFoundError(f"--{name.replace('_', '-')} {folder}: no such folder")
+                raise FileNotFoundError(f"--{flag.replace('_', '-')} {folder}: no such folder")
+        if not _shards_or_none(args.audio, "train") + _shards_or_none(args.audio, "valid"):
+            raise FileNotFoundError(f"--audio {args.audio}: no audio shards "
+                                    "(train-*.tar / valid-*.tar)")
     except (ConfigError, FileNotFoundError) as e:
         print(f"cantus tokenize {field}: {'configuration error: ' if isinstance(e, ConfigError) else ''}{e}",
               file=sys.stderr)

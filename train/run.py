@@ -324,7 +324,7 @@ def _main(a) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return stage_main("cantus.train.run", __doc__.split("\n\n")[0], _arguments, _main, argv)
+    return stage_main("cantus train", __doc__.split("\n\n")[0], _arguments, _main, argv)
 
 
 if __name__ == "__main__":

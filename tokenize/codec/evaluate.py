@@ -21,7 +21,6 @@ perplexity per level.
 
 from __future__ import annotations
 
-import argparse
 import io
 import logging
 import sys
@@ -33,7 +32,7 @@ import torch
 
 from cantus.audio import resample
 from cantus.audio_stream import load_all, shard_paths
-from cantus.config import ConfigError, load_section
+from cantus.config import load_section
 from cantus.shards import atomic_write_json
 from cantus.tokenize.codec.params import CodecSection, EvalConfig
 
@@ -208,27 +207,26 @@ def spectrogram_png(pairs: list[tuple[np.ndarray, np.ndarray]], rate: int,
     return path
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="cantus.tokenize.codec.evaluate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--params", default="params.yaml")
-    p.add_argument("--audio", required=True)
+def _arguments(p) -> None:
+    p.add_argument("--audio", required=True, help="audio shard folder (ingest output)")
     p.add_argument("--model", required=True, help="codec folder (model.safetensors + config.json)")
     p.add_argument("--out", required=True, help="metrics JSON to write")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        cfg = load_section(args.params, "codec", CodecSection).eval
-        result = run(cfg, args.audio, args.model, args.out)
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"cantus eval_codec: {e}", file=sys.stderr)
-        return 2
+
+
+def _main(args) -> None:
+    cfg = load_section(args.params, "codec", CodecSection).eval
+    result = run(cfg, args.audio, args.model, args.out)
     for k, v in result.items():
         if isinstance(v, dict) and "mel_distance" in v:
             print(f"{k:>14}: mel {v['mel_distance']:.3f}  stft {v['stft_distance']:.3f}  "
                   f"si-sdr {v['si_sdr']:.2f} dB")
     print(f"beats Opus on mel distance: {result['beats_opus_mel']}")
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from cantus.training import stage_main
+
+    return stage_main("cantus codec eval", __doc__, _arguments, _main, argv)
 
 
 if __name__ == "__main__":

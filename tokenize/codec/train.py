@@ -222,7 +222,7 @@ def _main(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return stage_main("cantus.tokenize.codec.train", __doc__, _arguments, _main, argv)
+    return stage_main("cantus codec train", __doc__, _arguments, _main, argv)
 
 
 if __name__ == "__main__":

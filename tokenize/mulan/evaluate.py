@@ -24,7 +24,6 @@ the audio shards and section ``mulan.eval``. Comes out: a metrics JSON with
 
 from __future__ import annotations
 
-import argparse
 import logging
 from collections import Counter
 from pathlib import Path
@@ -142,15 +141,14 @@ def run(cfg: MulanEvalConfig, tok: MulanTokenizer, audio_dir: str | Path,
     return metrics
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--params", default="params.yaml")
-    p.add_argument("--model", required=True)
-    p.add_argument("--rvq", required=True)
-    p.add_argument("--audio", required=True)
+def _arguments(p) -> None:
+    p.add_argument("--model", required=True, help="trained MuLan folder")
+    p.add_argument("--rvq", required=True, help="fitted RVQ folder")
+    p.add_argument("--audio", required=True, help="audio shard folder")
     p.add_argument("--out", required=True, help="metrics JSON")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+
+
+def _main(args) -> None:
     cfg = load_section(args.params, "mulan", MulanConfig).eval
     m = run(cfg, MulanTokenizer.load(args.model, args.rvq), args.audio, args.out)
     r, z = m["retrieval"], m["zero_shot"]["all"]
@@ -162,5 +160,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"zero-shot {tag}: {v['accuracy']:.3f} (majority {v['majority_baseline']:.3f})")
 
 
+def main(argv: list[str] | None = None) -> int:
+    from cantus.training import stage_main
+
+    return stage_main("cantus mulan eval", __doc__, _arguments, _main, argv)
+
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

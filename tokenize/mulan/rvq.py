@@ -20,7 +20,6 @@ conditions on the audio's tokens, generation on the prompt's.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -241,17 +240,22 @@ def run(cfg: MulanRVQConfig, model_dir: str | Path, audio_dir: str | Path,
     return {"sha256": digest, "fitted_per_level": rvq.fitted.tolist(), **extra}
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--params", default="params.yaml")
+def _arguments(p) -> None:
     p.add_argument("--model", required=True, help="trained MuLan folder")
     p.add_argument("--audio", required=True, help="audio shard folder (train split used)")
     p.add_argument("--out", required=True, help="folder for codebooks.safetensors + rvq.json")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+
+
+def _main(args) -> None:
     cfg = load_section(args.params, "mulan", MulanConfig).rvq
     print(run(cfg, args.model, args.audio, args.out))
 
 
+def main(argv: list[str] | None = None) -> int:
+    from cantus.training import stage_main
+
+    return stage_main("cantus mulan rvq", __doc__, _arguments, _main, argv)
+
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -250,7 +250,7 @@ def _main(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return stage_main("cantus.tokenize.mulan.train", __doc__, _arguments, _main, argv)
+    return stage_main("cantus mulan train", __doc__, _arguments, _main, argv)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ log-mel frames at the same rate, fitted on the same train split.
 
 from __future__ import annotations
 
-import argparse
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -134,22 +133,26 @@ def run(cfg: SemanticConfig, model_out: str | Path, codebook_dir: str | Path,
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--params", default="params.yaml")
+def _arguments(ap) -> None:
     ap.add_argument("--model", required=True, help="pretraining stage output")
     ap.add_argument("--codebook", required=True, help="k-means stage output")
     ap.add_argument("--audio", required=True, help="audio shard folder")
     ap.add_argument("--out", required=True, help="metrics JSON")
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+
+
+def _main(args) -> None:
     cfg = load_section(args.params, "semantic", SemanticConfig)
     result = run(cfg, args.model, args.codebook, args.audio)
     shards.atomic_write_json(args.out, result)
     for s in ("train", "valid"):
         print(s, "PNMI instrument: semantic", round(result["semantic"][s]["pnmi_instrument"], 4),
               "log-mel", round(result["logmel"][s]["pnmi_instrument"], 4))
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from cantus.training import stage_main
+
+    return stage_main("cantus semantic eval", __doc__, _arguments, _main, argv)
 
 
 if __name__ == "__main__":

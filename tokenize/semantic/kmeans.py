@@ -20,7 +20,6 @@ stages use.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -238,18 +237,22 @@ class SemanticTokenizer:
         return self.encode_batch([wav], sample_rate)[0]
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--params", default="params.yaml")
+def _arguments(ap) -> None:
     ap.add_argument("--model", required=True, help="pretraining stage output")
     ap.add_argument("--audio", required=True, help="audio shard folder")
     ap.add_argument("--out", required=True, help="codebook folder")
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+
+
+def _main(args) -> None:
     cfg = load_section(args.params, "semantic", SemanticConfig).kmeans
     summary = run(cfg, args.model, args.audio, args.out)
     print({k: v for k, v in summary.items() if k != "params"})
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from cantus.training import stage_main
+
+    return stage_main("cantus semantic kmeans", __doc__, _arguments, _main, argv)
 
 
 if __name__ == "__main__":

@@ -271,8 +271,7 @@ def _main(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return training.stage_main("cantus.tokenize.semantic.pretrain", __doc__, _arguments, _main,
-                               argv)
+    return training.stage_main("cantus semantic pretrain", __doc__, _arguments, _main, argv)
 
 
 if __name__ == "__main__":
