@@ -187,7 +187,8 @@ def _download(**kw):
 
 
 def test_secrets_in_params_fail_at_start_naming_the_key():
-    with pytest.raises(ConfigError, match="'ingest.download.cookies' must be empty.*CANTUS_COOKIES"):
+    with pytest.raises(ConfigError,
+                       match="'ingest.download.cookies' must be empty.*CANTUS_COOKIES"):
         _download(cookies="/home/me/cookies.txt")
     for proxy in ("http://user:pw@proxy:3128", "user:pw@proxy:3128", "socks5://u@h:1080"):
         with pytest.raises(ConfigError, match="'ingest.download.proxy' holds credentials.*"

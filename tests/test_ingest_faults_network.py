@@ -104,6 +104,7 @@ def tables(out: Path):
             pq.read_table(out / "rejects.parquet").to_pylist())
 
 
+@pytest.mark.slow  # about 1 min 20 s on 2 cores, nearly all of it the 5,518 404s of the rerun
 @needs_ffmpeg
 def test_musiccaps_offline_then_back(tmp_path, cfg, capsys):
     csv_path = musiccaps_csv(tmp_path / "musiccaps.csv", MUSICCAPS_ROWS)
@@ -251,8 +252,8 @@ def _cookie_file(path: Path, domain: str, value: str) -> Path:
 
 @needs_ffmpeg
 @pytest.mark.parametrize("domain", ["127.0.0.1", "example.org"])
-def test_cookies_never_reach_ffmpeg_and_file_is_not_rewritten(server, tmp_path, monkeypatch,  # noqa: F811
-                                                               domain):
+def test_cookies_never_reach_ffmpeg_and_file_is_not_rewritten(
+        server, tmp_path, monkeypatch, domain):  # noqa: F811
     cookies = _cookie_file(tmp_path / "cookies.txt", domain, "s3cr3t-value")
     before = (cookies.read_bytes(), cookies.stat().st_mtime_ns)
     monkeypatch.setenv(dl.COOKIES_ENV, str(cookies))
