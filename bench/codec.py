@@ -92,6 +92,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--sizes", nargs="+", default=["demo", "paper"])
     args = p.parse_args()
+    threads = torch.get_num_threads()  # restored for the GPU part
     torch.set_num_threads(1)
     print(f"one CPU thread, {args.seconds:g} s of 24 kHz audio, 6 kbps (12 x 1024), "
           f"best of {args.rounds}")
@@ -113,7 +114,7 @@ def main() -> None:
         print(f"target: paper-size encode >= 10x real time: {'met' if e >= 10 else 'NOT met'} "
               f"({e:.1f}x)")
     if torch.cuda.is_available():
-        torch.set_num_threads(torch.get_num_threads())
+        torch.set_num_threads(threads)
         print(f"\nGPU ({torch.cuda.get_device_name()}), batch 64 x {args.seconds:g} s, bf16:")
         for size, model in models.items():
             g = gpu_throughput(model, args.seconds)

@@ -10,6 +10,10 @@ many samples are real). With ``with_meta=True`` each batch also carries
 Order is a pure function of ``(seed, epoch)``: shards are shuffled per epoch,
 split across ranks (DDP) and DataLoader workers, samples pass a seeded
 shuffle buffer, and each crop's offset is drawn from ``(seed, epoch, key)``.
+With fewer shards than ranks (or than a rank's workers) the samples are
+split instead: each reads every shard of its share and keeps every
+``world``-th (``workers``-th) sample from its own offset, so no rank is left
+without data and no sample is read twice in an epoch.
 ``AudioBatches`` counts batches, so its ``state_dict()`` is the data position
 of a checkpoint and ``load_state_dict`` resumes at exactly the next batch.
 
@@ -66,25 +70,38 @@ class AudioCrops(torch.utils.data.IterableDataset):
             return 0, 1
         return (info.id + self.first_worker) % info.num_workers, info.num_workers
 
-    def _my_shards(self) -> tuple[list[str], int]:
+    def _my_share(self) -> tuple[list[str], int, int, int]:
+        """(shards this worker reads, its logical id, stride, offset): of the samples of
+        those shards, in order, it keeps number n when ``n % stride == offset``."""
         wid, nw = self._worker()
         order = list(self.paths)
         random.Random(_seed(self.seed, self.epoch, "shards")).shuffle(order)
-        mine = order[self.rank::self.world]
-        return mine[wid::nw] or mine[:1], wid
+        if len(order) >= self.world:
+            mine, stride, offset = order[self.rank::self.world], 1, 0
+        else:  # fewer shards than ranks: every rank reads them all, takes every world-th
+            mine, stride, offset = order, self.world, self.rank
+        if len(mine) >= nw:
+            return mine[wid::nw], wid, stride, offset
+        # fewer shards than workers: each worker takes every nw-th sample of the rank's
+        return mine, wid, stride * nw, offset + stride * wid
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        paths, wid = self._my_shards()
+        paths, wid, stride, offset = self._my_share()
         rng = random.Random(_seed(self.seed, self.epoch, self.rank, wid, "buffer"))
         skip = self.skip_per_worker[wid] if wid < len(self.skip_per_worker) else 0
-        for n, item in enumerate(self._shuffled(paths, rng)):
+        for n, item in enumerate(self._shuffled(paths, rng, stride, offset)):
             if n >= skip:
                 yield self._crop(item)
 
-    def _shuffled(self, paths: list[str], rng: random.Random) -> Iterator[tuple[str, dict]]:
+    def _shuffled(self, paths: list[str], rng: random.Random, stride: int = 1,
+                  offset: int = 0) -> Iterator[tuple[str, dict]]:
         buf: list[tuple[str, dict]] = []
+        n = -1
         for path in paths:
             for key, fields in shards.iter_samples(path):
+                n += 1
+                if n % stride != offset:
+                    continue
                 buf.append((key, fields))
                 if len(buf) >= self.shuffle_buffer:
                     yield buf.pop(rng.randrange(len(buf)))
@@ -128,12 +145,14 @@ class AudioBatches:
             batches depends on (seed, num_workers, batch_size), nothing else.
         rank, world: this process's DDP rank and the world size.
         with_meta: also return each sample's JSON metadata as ``batch["meta"]``.
+        pin_memory: batches in pinned memory (for non-blocking copies to a GPU).
     """
 
     def __init__(self, paths: list[str], *, crop_seconds: float, sample_rate: int,
                  batch_size: int, seed: int, num_workers: int = 0, shuffle_buffer: int = 64,
-                 rank: int = 0, world: int = 1, with_meta: bool = False):
-        self.paths, self.with_meta = list(paths), with_meta
+                 rank: int = 0, world: int = 1, with_meta: bool = False,
+                 pin_memory: bool = False):
+        self.paths, self.with_meta, self.pin_memory = list(paths), with_meta, pin_memory
         self.crop = int(round(crop_seconds * sample_rate))
         self.batch_size, self.seed, self.num_workers = batch_size, seed, num_workers
         self.shuffle_buffer, self.rank, self.world = shuffle_buffer, rank, world
@@ -165,7 +184,8 @@ class AudioBatches:
         return torch.utils.data.DataLoader(ds, batch_size=self.batch_size,
                                            num_workers=self.num_workers,
                                            collate_fn=_collate, drop_last=True,
-                                           persistent_workers=False, generator=gen)
+                                           persistent_workers=False, generator=gen,
+                                           pin_memory=self.pin_memory)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         while True:
@@ -181,7 +201,8 @@ class AudioBatches:
                 yield batch
             if got == 0 and fresh:
                 raise ValueError(f"fewer than batch_size={self.batch_size} crops per worker "
-                                 f"in {len(self.paths)} shards")
+                                 f"in {len(self.paths)} shards (rank {self.rank} of "
+                                 f"{self.world}, {max(1, self.num_workers)} worker(s) each)")
             self.epoch, self.consumed = self.epoch + 1, [0] * len(self.consumed)
             self.next_worker = 0
 

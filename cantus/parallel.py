@@ -22,8 +22,12 @@ from tqdm import tqdm
 log = logging.getLogger(__name__)
 
 
-def init_ray(num_cpus: int = 0) -> None:
-    """Start a loopback-only local Ray, or join the cluster named by RAY_ADDRESS."""
+def init_ray(num_cpus: int = 0, num_gpus: int | None = None) -> None:
+    """Start a loopback-only local Ray, or join the cluster named by RAY_ADDRESS.
+
+    ``num_gpus`` (a local Ray only): the GPUs it schedules, None for those it detects;
+    on a CPU machine ``num_gpus=1`` declares a logical GPU (tests of GPU scheduling).
+    """
     address = os.environ.get("RAY_ADDRESS")
     if not address:
         # With this set, Ray's node address is 127.0.0.1 and every server of a
@@ -45,7 +49,8 @@ def init_ray(num_cpus: int = 0) -> None:
     # Model actors count as workers too, so with the default limit (one worker
     # per CPU) Ray kills an idle task worker after 1 s and starts a fresh one
     # (~1 s of CPU) for the next decode task: keep idle workers for a minute.
-    ray.init(num_cpus=num_cpus or None, include_dashboard=False, log_to_driver=False,
+    ray.init(num_cpus=num_cpus or None, num_gpus=num_gpus, include_dashboard=False,
+             log_to_driver=False,
              _node_ip_address="127.0.0.1",
              _system_config={"idle_worker_killing_time_threshold_ms": 60_000})
 

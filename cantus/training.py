@@ -15,7 +15,13 @@
 - ``warmup_cosine``: the learning-rate factor of every trainer (linear warm-up,
   cosine decay to a floor).
 - ``distributed()`` / ``resolve_device()``: rank and world size (1 process
-  outside ``torchrun``), and a params ``device`` made concrete.
+  outside ``torchrun``), and a params ``device`` made concrete; ``barrier()``.
+- ``gather_rank_states(state)`` / ``own_rank_state(saved)``: what differs between
+  DDP ranks (RNG, data position) gathered into rank 0's checkpoint as a list by
+  rank, and each rank's own entry back on resume, so a resumed DDP run draws
+  what an uninterrupted one would on every rank.
+- ``rank_seed(seed, rank)``: the seed of a rank's own random stream (dropout):
+  ``seed`` on rank 0, so one process draws what it always did.
 - ``run_id``: what a checkpoint must match to be resumed (params, the stage's
   code, its data).
 - ``stage_main``: the command line of a stage (``--params``, ``-v``, one log
@@ -57,6 +63,47 @@ def distributed() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def barrier() -> None:
+    """Wait until every rank gets here (nothing outside a process group)."""
+    import torch.distributed as dist
+
+    if distributed()[1] > 1:
+        dist.barrier()
+
+
+def gather_rank_states(state: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """Every rank's ``state`` (plain values and CPU tensors), as a list by rank on rank 0
+    and None on the others; ``[state]`` in one process. Every rank must call it."""
+    import torch.distributed as dist
+
+    rank, world = distributed()
+    if world == 1:
+        return [state]
+    out: list[Any] | None = [None] * world if rank == 0 else None
+    dist.gather_object(state, out, dst=0)
+    return out
+
+
+def own_rank_state(ranks: list[dict[str, Any]], where: str = "checkpoint") -> dict[str, Any]:
+    """This rank's entry of the per-rank states a checkpoint holds (``gather_rank_states``).
+
+    Raises ValueError when the checkpoint was written by another number of ranks: their
+    RNG streams and data shares cannot be mapped onto this run's.
+    """
+    rank, world = distributed()
+    if len(ranks) != world:
+        raise ValueError(f"{where} was written by {len(ranks)} rank(s), this run has {world}: "
+                         "it cannot resume each rank's RNG and data position (run with "
+                         f"{len(ranks)} processes, or remove the checkpoints to start afresh)")
+    return ranks[rank]
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of rank ``rank``'s own stream (dropout masks): ``seed`` on rank 0, a
+    different value on each other rank."""
+    return seed if rank == 0 else seed + 1_000_003 * rank
 
 
 def stage_main(prog: str, doc: str, add_arguments, body, argv: list[str] | None = None) -> int:
@@ -144,19 +191,26 @@ class Checkpoints:
             (self.folder / f"step-{old:08d}.pt").unlink(missing_ok=True)
         return path
 
-    def resume(self, run_id: str, clear: bool = True) -> dict[str, Any] | None:
-        """The latest checkpoint if it was written by run ``run_id``; otherwise None,
-        and (when ``clear``: rank 0 under DDP) the stale checkpoints are removed."""
-        state = self.latest()
-        if state is None or state.get("run_id") == run_id:
-            return state
-        log.warning("checkpoints in %s are of other params, code or data: starting afresh",
-                    self.folder)
-        if clear:
-            import shutil
+    def resume(self, run_id: str, clear: bool | None = None) -> dict[str, Any] | None:
+        """The latest checkpoint if it was written by run ``run_id``; otherwise None, and
+        the stale checkpoints are removed (when ``clear``; by default by rank 0 only).
 
-            shutil.rmtree(self.folder, ignore_errors=True)
-        return None
+        Under DDP every rank reads the checkpoint before any removal, and no rank goes
+        on before the removal is done (a barrier on each side).
+        """
+        rank, _ = distributed()
+        state = self.latest()
+        barrier()  # every rank has read the latest checkpoint (or seen none)
+        stale = state is not None and state.get("run_id") != run_id
+        if stale:
+            log.warning("checkpoints in %s are of other params, code or data: starting afresh",
+                        self.folder)
+            if clear if clear is not None else rank == 0:
+                import shutil
+
+                shutil.rmtree(self.folder, ignore_errors=True)
+        barrier()
+        return None if stale else state
 
     def latest(self) -> dict[str, Any] | None:
         steps = self.steps()

@@ -35,7 +35,8 @@ class MulanEmbedder:
         self.sample_rate = mulan.cfg.sample_rate
 
     def __call__(self, audio: np.ndarray) -> np.ndarray:
-        return self.model.embed_long(torch.from_numpy(np.asarray(audio, np.float32))).numpy()
+        x = torch.from_numpy(np.asarray(audio, np.float32))
+        return self.model.embed_long(x).cpu().numpy()  # the tower may sit on a GPU
 
 
 class ScriptedEmbedder:
@@ -55,7 +56,7 @@ class ScriptedEmbedder:
     def __call__(self, audio: np.ndarray) -> np.ndarray:
         out = self.model(torch.from_numpy(np.asarray(audio, np.float32))[None])
         out = out.reshape(-1, out.shape[-1]).float().mean(0)
-        return out.numpy()
+        return out.cpu().numpy()
 
 
 def load_embedder(spec: str, mulan=None) -> Embedder:

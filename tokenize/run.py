@@ -25,6 +25,17 @@ shard is kept only if its sidecar names the sha256 of the audio shard it is
 for now (a changed input is tokenized again), and shards of audio shards no
 longer planned are removed. An actor whose process dies is restarted and its
 task retried.
+
+Devices: an actor's device follows ``gpus_per_actor``: 0 gives CPU actors
+(their CUDA devices hidden, so none touches a GPU Ray does not count), more
+gives CUDA actors on the GPU(s) Ray assigned; ``device: auto`` is resolved
+per actor from that assignment. With GPUs, the actor count is capped by the
+cluster's GPUs (more would wait forever for a GPU). GPU tokenizers run with
+deterministic kernels where torch has them, TF32 off, and the device type is
+part of the manifest entry, so a resume on another device type rewrites.
+A chunk a tokenizer cannot handle is a reject, but a CUDA error (out of
+memory, a device-side assert) stops the actor; more rejects than
+``max_reject_fraction`` of the chunks fails the stage (``TooManyRejects``).
 """
 
 from __future__ import annotations
@@ -32,6 +43,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +72,7 @@ class TokenizeConfig:
     decode_cpus: float     # Ray CPUs of each decode task
     max_in_flight: int     # shards outstanding at once (0 = 2 per actor)
     device: str            # "cpu", "cuda" or "auto"
+    max_reject_fraction: float  # more rejects than this fraction of the chunks fails the stage
 
     def __post_init__(self):
         _require(self.executor in ("ray", "local"), "executor", "must be 'ray' or 'local'")
@@ -69,6 +82,90 @@ class TokenizeConfig:
         _require(self.decode_cpus > 0, "decode_cpus", "must be positive")
         _require(self.max_in_flight >= 0, "max_in_flight", "must be >= 0")
         _require(self.device in ("cpu", "cuda", "auto"), "device", "must be cpu, cuda or auto")
+        _require(0 <= self.max_reject_fraction < 1, "max_reject_fraction",
+                 "must be in [0, 1): a stage that rejects every chunk must fail")
+        if self.executor == "ray":
+            _require(not (self.device == "cuda" and self.gpus_per_actor == 0), "device",
+                     "is 'cuda' but gpus_per_actor is 0: an actor holding no Ray GPU would use "
+                     "a GPU Ray does not count (set gpus_per_actor > 0, or device auto/cpu)")
+            _require(not (self.device == "cpu" and self.gpus_per_actor > 0), "gpus_per_actor",
+                     f"is {self.gpus_per_actor} but device is 'cpu': the actors would hold GPUs "
+                     "they never use (set device auto or cuda)")
+
+
+class TooManyRejects(RuntimeError):
+    """A tokenize stage rejected more chunks than ``tokenize.max_reject_fraction`` allows."""
+
+
+def actor_device(device: str, gpus_per_actor: float, gpu_ids: list) -> str:
+    """The torch device of a Ray model actor: ``device`` (params) made concrete from the
+    GPUs the actor holds (``gpus_per_actor``) and the ids Ray assigned it (``gpu_ids``).
+
+    0 GPUs -> "cpu" (whatever ``device`` says, "cuda" being refused by the config);
+    > 0 -> "cuda", the device Ray made visible as cuda:0 (``CUDA_VISIBLE_DEVICES``).
+    """
+    if gpus_per_actor <= 0:
+        if device == "cuda":
+            raise ValueError("tokenize.device 'cuda' with gpus_per_actor 0: the actor holds "
+                             "no Ray GPU")
+        return "cpu"
+    if device == "cpu":
+        raise ValueError(f"tokenize.device 'cpu' with gpus_per_actor {gpus_per_actor}")
+    if not gpu_ids:
+        raise RuntimeError(f"a model actor with gpus_per_actor {gpus_per_actor} was assigned "
+                           "no GPU by Ray")
+    return "cuda"
+
+
+def actor_count(cfg: TokenizeConfig, cpus: float, gpus: float) -> int:
+    """Model actors per field for a cluster of ``cpus`` CPUs and ``gpus`` GPUs (Ray's
+    counts): ``cfg.actors``, or for 0 as many as the CPUs allow beside one decode task,
+    capped by the GPUs when actors hold GPUs. Raises ConfigError when the actors could
+    never all start (they would wait forever for resources) or none fits."""
+    by_cpu = max(1, int((cpus - cfg.decode_cpus) // cfg.cpus_per_actor))
+    n = cfg.actors or by_cpu
+    if cfg.gpus_per_actor > 0:
+        by_gpu = int(round(gpus / cfg.gpus_per_actor, 6))  # 0.5 per actor: 2 per GPU
+        if by_gpu == 0:
+            raise ConfigError(f"'tokenize.gpus_per_actor' {cfg.gpus_per_actor}: the Ray cluster "
+                              f"has {gpus:g} GPUs, not enough for one actor (set 0 for CPU "
+                              "actors)")
+        if cfg.actors and cfg.actors > by_gpu:
+            raise ConfigError(f"'tokenize.actors' {cfg.actors} x gpus_per_actor "
+                              f"{cfg.gpus_per_actor} exceeds the {gpus:g} GPUs Ray has: the "
+                              "extra actors would never start")
+        n = min(n, by_gpu)
+    if n * cfg.cpus_per_actor + cfg.decode_cpus > cpus:
+        raise ConfigError(f"'tokenize.actors' {n} x cpus_per_actor {cfg.cpus_per_actor} + "
+                          f"decode_cpus {cfg.decode_cpus} exceeds the {cpus:g} CPUs Ray has: "
+                          "decode tasks could never run")
+    return n
+
+
+def deterministic_cuda() -> None:
+    """Ask torch for reproducible CUDA results: deterministic algorithms where they exist
+    (warning, not failing, where they do not), cuDNN deterministic and not benchmarking,
+    TF32 off for matrix products and convolutions."""
+    import torch
+
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before cuBLAS starts
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+
+
+def device_error(e: BaseException) -> bool:
+    """Whether ``e`` says the device itself failed (CUDA out of memory, a device-side
+    assert, a cuDNN/cuBLAS error): the CUDA context may be corrupt, so every later chunk
+    would fail too; such an error must stop the actor, not become a reject."""
+    import torch
+
+    if isinstance(e, torch.cuda.OutOfMemoryError):
+        return True
+    msg = str(e)
+    return isinstance(e, RuntimeError) and any(w in msg for w in ("CUDA", "cuDNN", "CUBLAS",
+                                                                  "cuBLAS"))
 
 
 def decode_shard(path: str, sample_rate: int) -> dict[str, Any]:
@@ -100,7 +197,16 @@ def warm_decoder() -> None:
 class ShardTokenizer:
     """Holds one field's model; ``run`` tokenizes one decoded shard and writes it."""
 
-    def __init__(self, tokenizer: type, models: dict[str, str], device: str, threads: int = 0):
+    def __init__(self, tokenizer: type, models: dict[str, str], device: str, threads: int = 0,
+                 ray_gpus: float | None = None):
+        """``ray_gpus``: in a Ray actor, the GPUs it holds (the device follows them);
+        None in-process, where ``device`` ("auto": CUDA when present) decides."""
+        if ray_gpus is not None:
+            import ray
+
+            device = actor_device(device, ray_gpus, ray.get_gpu_ids())
+            if device == "cpu":  # Ray leaves a GPU-less actor's devices visible: hide them
+                os.environ["CUDA_VISIBLE_DEVICES"] = ""
         if threads:
             import torch
 
@@ -108,6 +214,8 @@ class ShardTokenizer:
         from cantus.training import resolve_device
 
         device = resolve_device(device)
+        if str(device).startswith("cuda"):
+            deterministic_cuda()
         if str(device).startswith("cpu"):
             from cantus.memory import keep_freed_memory
 
@@ -120,12 +228,16 @@ class ShardTokenizer:
         try:
             encoded = self.tok.encode_batch(decoded["wavs"])
             pairs = list(zip(decoded["keys"], encoded))
-        except Exception:  # find the chunk(s) at fault, one by one
+        except Exception as e:  # find the chunk(s) at fault, one by one
+            if device_error(e):
+                raise
             pairs = []
             for key, w in zip(decoded["keys"], decoded["wavs"]):
                 try:
                     pairs.append((key, self.tok.encode_batch([w])[0]))
                 except Exception as e:
+                    if device_error(e):
+                        raise
                     rejects.append({"key": key, "reason": f"{self.field}_error",
                                     "detail": f"{decoded['path']}: {type(e).__name__}: {e}"})
         for key, t in pairs:
@@ -207,16 +319,14 @@ class ActorPool:
         from cantus.parallel import worker_count
 
         total = worker_count(0)
-        # Actors hold their CPUs for life: leave room for at least one decode task.
-        n = cfg.actors or max(1, int((total - cfg.decode_cpus) // cfg.cpus_per_actor))
-        if n * cfg.cpus_per_actor + cfg.decode_cpus > total:
-            raise ConfigError(f"'tokenize.actors' {n} x cpus_per_actor {cfg.cpus_per_actor} + "
-                              f"decode_cpus {cfg.decode_cpus} exceeds the {total} CPUs Ray has: "
-                              "decode tasks could never run")
+        # Actors hold their CPUs (and GPUs) for life: leave room for at least one decode
+        # task, and start no more GPU actors than the cluster has GPUs for.
+        n = actor_count(cfg, total, float(ray.cluster_resources().get("GPU", 0)))
         actor_cls = ray.remote(num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor,
                                max_restarts=3, max_task_retries=3)(ShardTokenizer)
         threads = max(1, int(round(cfg.cpus_per_actor)))
-        self.actors = [actor_cls.remote(tokenizer, models, cfg.device, threads) for _ in range(n)]
+        self.actors = [actor_cls.remote(tokenizer, models, cfg.device, threads,
+                                        cfg.gpus_per_actor) for _ in range(n)]
         self.cfg = cfg
         # A fresh decode worker spends ~1 s importing before its first shard, and
         # the actors would wait for it: start as many as can run beside the actors
@@ -295,6 +405,7 @@ def run(cfg: TokenizeConfig, tokenizer: type, audio_dir: str | Path, models: dic
     done = time.perf_counter()
     summary = _write_tables(out, field, description, [summaries[Path(p).name] for p in paths],
                             skipped)
+    _check_rejects(field, summary, out, cfg.max_reject_fraction)
     log.info("tokenize %s: models ready in %.1f s, %d shards in %.1f s", field, ready - t0,
              len(jobs), done - ready)
     # not written to the tables: where the shards ran and how long it took
@@ -325,6 +436,22 @@ def _write_tables(out: Path, field: str, description: dict[str, Any],
                "chunks": len(rows), "rejects": len(rejects)}
     log.info("tokenize %s: %s", field, summary)
     return summary
+
+
+def _check_rejects(field: str, summary: dict[str, Any], out: Path, limit: float) -> None:
+    """Raise TooManyRejects when more than ``limit`` of the chunks were rejected (or none
+    came through), naming the count and the first error (``out/rejects.parquet``)."""
+    import pyarrow.parquet as pq
+
+    rejects, total = summary["rejects"], summary["chunks"] + summary["rejects"]
+    if summary["chunks"] > 0 and rejects <= limit * total:
+        return
+    first = pq.read_table(out / "rejects.parquet").slice(0, 1).to_pylist()
+    what = (f"; first: {first[0]['key']} {first[0]['reason']}: {first[0]['detail']}" if first
+            else "")
+    raise TooManyRejects(f"tokenize {field}: {rejects} of {total} chunks rejected, more than "
+                         f"tokenize.max_reject_fraction {limit:g} allows{what} "
+                         f"(all in {out / 'rejects.parquet'})")
 
 
 def load_config(params: str) -> TokenizeConfig:
@@ -367,7 +494,11 @@ def field_main(tokenizer: type, argv: list[str] | None = None) -> int:
         from cantus.parallel import init_ray
 
         init_ray()
-    summary = run(cfg, tokenizer, args.audio, models, args.out)
+    try:
+        summary = run(cfg, tokenizer, args.audio, models, args.out)
+    except TooManyRejects as e:
+        print(f"cantus tokenize {field}: {e}", file=sys.stderr)
+        return 1
     print(f"tokenize {field}: {summary['chunks']} chunks in {summary['shards']} shards "
           f"({summary['shards_skipped']} already done), {summary['rejects']} rejects -> {args.out}"
           f"; shards per node: {json.dumps(summary['nodes'], sort_keys=True)}")

@@ -103,10 +103,11 @@ class TokenBatches(AudioBatches):
 
     def __init__(self, paths: list[str], layout: Layout, *, batch_size: int, seed: int,
                  cond_dropout: float = 0.0, num_workers: int = 0, shuffle_buffer: int = 64,
-                 rank: int = 0, world: int = 1):
+                 rank: int = 0, world: int = 1, pin_memory: bool = False):
         super().__init__(paths, crop_seconds=layout.crop_seconds, sample_rate=SEMANTIC_HZ,
                          batch_size=batch_size, seed=seed, num_workers=num_workers,
-                         shuffle_buffer=shuffle_buffer, rank=rank, world=world)
+                         shuffle_buffer=shuffle_buffer, rank=rank, world=world,
+                         pin_memory=pin_memory)
         self.layout, self.cond_dropout = layout, cond_dropout
 
     def _epoch_loader(self) -> torch.utils.data.DataLoader:
@@ -117,7 +118,7 @@ class TokenBatches(AudioBatches):
         return torch.utils.data.DataLoader(ds, batch_size=self.batch_size,
                                            num_workers=self.num_workers, collate_fn=collate,
                                            drop_last=True, persistent_workers=False,
-                                           generator=gen)
+                                           generator=gen, pin_memory=self.pin_memory)
 
 
 def fixed_crops(paths: list[str], layout: Layout, limit: int, seed: int = 0

@@ -70,19 +70,32 @@ class GPTConfig(ModelSize):
 
 
 class KVCache:
-    """Keys and values of every layer for positions [0, length): float[L, B, H, max_len, Dh]."""
+    """Keys and values of every layer for positions [0, length): float[L, B, H, max_len, Dh].
+
+    ``dtype`` None (the default): the dtype of the first keys stored, so a model run
+    under bf16 autocast caches bf16 (half the memory, and the dtype attention gets).
+    """
 
     def __init__(self, layers: int, batch: int, heads: int, max_len: int, head_dim: int,
-                 device=None, dtype=torch.float32):
-        self.k = torch.zeros(layers, batch, heads, max_len, head_dim, device=device, dtype=dtype)
-        self.v = torch.zeros_like(self.k)
+                 device=None, dtype: torch.dtype | None = None):
+        self.shape, self.device = (layers, batch, heads, max_len, head_dim), device
+        self.k = self.v = None
+        if dtype is not None:
+            self._allocate(dtype)
         self.length = 0
 
+    def _allocate(self, dtype: torch.dtype) -> None:
+        self.k = torch.zeros(self.shape, device=self.device, dtype=dtype)
+        self.v = torch.zeros_like(self.k)
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Store k, v (B, H, T, Dh) at [length, length + T); return all keys and values so far."""
+        """Store k, v (B, H, T, Dh) at [length, length + T); return all keys and values so far
+        (in the cache's dtype)."""
         end = self.length + k.shape[2]
-        if end > self.k.shape[3]:
-            raise ValueError(f"KV cache holds {self.k.shape[3]} positions, asked for {end}")
+        if end > self.shape[3]:
+            raise ValueError(f"KV cache holds {self.shape[3]} positions, asked for {end}")
+        if self.k is None:
+            self._allocate(k.dtype)
         self.k[layer, :, :, self.length:end] = k
         self.v[layer, :, :, self.length:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
@@ -119,6 +132,7 @@ class Attention(nn.Module):
         if cache is not None:
             past = cache.length
             k, v = cache.update(layer, k, v)
+            k, v = k.to(q.dtype), v.to(q.dtype)  # a cache of another dtype than autocast's
         mask, causal = None, False
         if bias is not None:
             mask = bias.to(q.dtype)
@@ -174,7 +188,7 @@ class Transformer(nn.Module):
         if isinstance(m, (nn.Linear, nn.Embedding)):
             nn.init.normal_(m.weight, std=0.02)
 
-    def new_cache(self, batch: int, max_len: int, dtype=torch.float32) -> KVCache:
+    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
         c = self.cfg
         return KVCache(c.layers, batch, c.heads, max_len, c.dim // c.heads,
                        device=self.embed.weight.device, dtype=dtype)

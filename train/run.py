@@ -5,7 +5,8 @@ Goes in: a token folder (``cantus.tokens``; its manifest must match
 trained stage in ``--out`` (``model.safetensors`` + ``config.json``; load
 with ``stage.load_stage``), numbered checkpoints in ``--checkpoints`` (a
 killed run resumes exactly: model, optimiser, data position and RNG state;
-only checkpoints of the same params, code and shards are resumed) and
+only checkpoints of the same params, code and shards are resumed; under DDP
+each rank's RNG and data position are saved and restored) and
 dvclive curves in ``--live``: training loss, lr, tokens/s, and validation
 loss / perplexity beside the perplexity of a unigram model of the same
 tokens (the floor of a model that learned nothing).
@@ -13,8 +14,10 @@ tokens (the floor of a model that learned nothing).
 One loop for all three stages, set by the stage's ``Layout``: AdamW,
 warm-up + cosine (``lr_at``), gradient accumulation, clipping, bf16 autocast
 and optional ``torch.compile`` on CUDA, DDP under torchrun (NCCL, or gloo on
-CPU). The loss is the cross-entropy of each target token over the codes of
-its own codebook block.
+CPU; each rank draws its own dropout masks). Under ``torch.compile`` every
+batch is padded to the layout's full length, so one graph serves every step
+(a batch's length varies with its crops). The loss is the cross-entropy of
+each target token over the codes of its own codebook block.
 
     python -m cantus.train.run --stage semantic --params params.yaml \
         --tokens data/tokens --out models/lm_semantic \
@@ -42,8 +45,9 @@ from cantus.audio_stream import shard_paths
 from cantus.config import config_hash
 from cantus.shards import atomic_write_json
 from cantus.tokens import check_manifest, read_manifest
-from cantus.training import (Checkpoints, Metrics, distributed, progress, rng_state,
-                             set_rng_state, stage_main, warmup_cosine)
+from cantus.training import (Checkpoints, Metrics, distributed, gather_rank_states,
+                             own_rank_state, progress, rank_seed, rng_state, set_rng_state,
+                             stage_main, warmup_cosine)
 from cantus.training import run_id as training_run_id
 
 from .data import TokenBatches, batched, fixed_crops
@@ -95,6 +99,16 @@ def stage_loss(model: torch.nn.Module, head: torch.Tensor, batch: dict[str, torc
     return total, mask.sum()
 
 
+def pad_to(batch: dict[str, Any], length: int) -> dict[str, Any]:
+    """A collated batch padded on the right to ``length`` columns (ids 0, block -1, no
+    target): the causal model and the target mask leave every real position as it was."""
+    n = batch["ids"].shape[1]
+    if n >= length:
+        return batch
+    fill = {"ids": 0, "block": -1, "target": False}
+    return {**batch, **{k: F.pad(batch[k], (0, length - n), value=v) for k, v in fill.items()}}
+
+
 def _autocast(device: torch.device, bf16: bool):
     if device.type == "cuda" and bf16:
         return torch.autocast("cuda", dtype=torch.bfloat16)
@@ -114,7 +128,9 @@ def train_step(model: torch.nn.Module, core, opt: torch.optim.Optimizer, micro: 
     scale = world / count.clamp(min=1)
     summed = torch.zeros((), device=device)
     for i, m in enumerate(micro):
-        m = {k: v.to(device, non_blocking=True) for k, v in m.items() if torch.is_tensor(v)}
+        # non_blocking copies only from pinned memory (TokenBatches pins on CUDA)
+        m = {k: v.to(device, non_blocking=v.is_pinned()) for k, v in m.items()
+             if torch.is_tensor(v)}
         sync = i == len(micro) - 1 or not hasattr(model, "no_sync")
         with (contextlib.nullcontext() if sync else model.no_sync()), _autocast(device, t.bf16):
             loss, _ = stage_loss(model, core.embed.weight, m, layout)
@@ -208,17 +224,21 @@ def _setup(stage: str, cfg: LMConfig, inputs: Inputs, device: torch.device):
     if world > 1:
         ids = [device.index] if device.type == "cuda" else None
         model = torch.nn.parallel.DistributedDataParallel(core, device_ids=ids)
-    if t.compile and device.type == "cuda":
-        model = torch.compile(model)
+    if rank:  # DDP: rank 0's weights are broadcast; each rank draws its own dropout
+        torch.manual_seed(rank_seed(t.seed, rank))
+    compiled = t.compile and device.type == "cuda"
+    if compiled:  # one static shape: batches are padded to layout.max_len (pad_to)
+        model = torch.compile(model, dynamic=False)
     data = TokenBatches(paths, layout, batch_size=t.batch_size, seed=t.seed,
                         cond_dropout=scfg.cond_dropout, num_workers=t.num_workers,
-                        shuffle_buffer=t.shuffle_buffer, rank=rank, world=world)
+                        shuffle_buffer=t.shuffle_buffer, rank=rank, world=world,
+                        pin_memory=device.type == "cuda")
     valid = list(batched(fixed_crops(shard_paths(inputs.tokens, "valid"), layout,
                                      t.valid_samples, t.seed), t.batch_size))
     train_fixed = list(batched(fixed_crops(paths, layout, t.unigram_samples, t.seed), 64))
     unigram = unigram_nll(layout, train_fixed, valid)
     return layout, core, model, optimiser(core, t, device), data, valid, unigram, \
-        run_id(stage, scfg, cfg.tokens, paths)
+        run_id(stage, scfg, cfg.tokens, paths), layout.max_len if compiled else 0
 
 
 def run(cfg: LMConfig, stage: str, inputs: Inputs, out: str | Path | None,
@@ -231,14 +251,16 @@ def run(cfg: LMConfig, stage: str, inputs: Inputs, out: str | Path | None,
     """
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     t, (rank, world) = getattr(cfg, stage).train, distributed()
-    layout, core, model, opt, data, valid, unigram, want = _setup(stage, cfg, inputs, dev)
+    layout, core, model, opt, data, valid, unigram, want, length = _setup(stage, cfg, inputs,
+                                                                          dev)
     ckpts, step = Checkpoints(inputs.checkpoints, t.keep_checkpoints), 0
-    state = ckpts.resume(want, clear=distributed()[0] == 0)
+    state = ckpts.resume(want)
     if state is not None:
         core.load_state_dict(state["model"])
         opt.load_state_dict(state["optimiser"])
-        data.load_state_dict(state["data"])
-        set_rng_state(state["rng"])
+        own = own_rank_state(state["ranks"], str(ckpts.folder))  # this rank's RNG and data
+        data.load_state_dict(own["data"])
+        set_rng_state(own["rng"])
         step = int(state["step"])
     metrics = Metrics(inputs.live, resume=step > 0) if inputs.live and rank == 0 else None
     bar = progress(t.steps, initial=step, desc=f"lm {stage}") if rank == 0 else None
@@ -246,7 +268,7 @@ def run(cfg: LMConfig, stage: str, inputs: Inputs, out: str | Path | None,
     batches = iter(data)
     model.train()
     while step < t.steps and (stop_after is None or step < stop_after):
-        micro = [next(batches) for _ in range(t.grad_accum)]
+        micro = [pad_to(next(batches), length) for _ in range(t.grad_accum)]
         tokens += sum(int((m["block"] >= 0).sum()) for m in micro) * world
         losses.append(train_step(model, core, opt, micro, layout, t, step, dev))
         step += 1
@@ -264,9 +286,11 @@ def run(cfg: LMConfig, stage: str, inputs: Inputs, out: str | Path | None,
                      math.exp(unigram))
         if metrics is not None and row:
             metrics.log(step, **row)
-        if rank == 0 and (step % t.checkpoint_every == 0 or step == t.steps):
-            ckpts.save(step, {"model": core.state_dict(), "optimiser": opt.state_dict(),
-                              "data": data.state_dict(), "rng": rng_state(), "run_id": want})
+        if step % t.checkpoint_every == 0 or step == t.steps:
+            ranks = gather_rank_states({"data": data.state_dict(), "rng": rng_state()})
+            if rank == 0:
+                ckpts.save(step, {"model": core.state_dict(), "optimiser": opt.state_dict(),
+                                  "ranks": ranks, "run_id": want})
     if bar is not None:
         bar.close()
     if val != val and step >= t.steps:  # resumed a finished run: score the weights it holds
@@ -311,11 +335,11 @@ def _main(a) -> None:
         import torch.distributed as dist
 
         cuda = torch.cuda.is_available() and a.device != "cpu"
-        dist.init_process_group("nccl" if cuda else "gloo")
-        if cuda:
+        if cuda:  # the device first: NCCL binds each rank to its current device
             local = int(os.environ.get("LOCAL_RANK", 0))
             torch.cuda.set_device(local)
             device = f"cuda:{local}"
+        dist.init_process_group("nccl" if cuda else "gloo")
     summary = run(cfg, a.stage, Inputs(a.tokens, a.checkpoints, a.live, expect), a.out, device)
     if distributed()[0] == 0:
         print(json.dumps({k: v for k, v in summary.items() if k != "losses"}, indent=2))

@@ -251,7 +251,10 @@ class SoundStream(nn.Module):
             z = codec_cpu.encode_latents(self.encoder, x, self.cfg.hop, self.cfg.strides)
         else:
             z = self.encoder(x)
-        codes = self.quantizer.encode(z.float(), n_q)
+        # Nearest codes in float32 whatever the caller's autocast (as forward does): under
+        # bf16 the distance products would round and pick other codes.
+        with torch.autocast(x.device.type, enabled=False):
+            codes = self.quantizer.encode(z.float(), n_q)
         return codes.to(torch.int32).to(torch.uint16)
 
     @torch.inference_mode()
@@ -264,7 +267,8 @@ class SoundStream(nn.Module):
                 raise ValueError(f"n_q must be in [1, {codes.shape[1]}], got {n_q}")
             codes = codes[:, :n_q]
         codes = codes.to(torch.int32).long().to(self._device())
-        q = self.quantizer.decode(codes)
+        with torch.autocast(codes.device.type, enabled=False):
+            q = self.quantizer.decode(codes)
         if q.device.type == "cpu" and not torch.is_autocast_enabled("cpu"):
             return codec_cpu.decode_waveform(self.decoder, q, self.cfg.hop)[:, 0]
         return self.decoder(q)[:, 0].float()

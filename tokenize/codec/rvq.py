@@ -15,7 +15,9 @@ replacement of dead codes (EMA count below ``dead_threshold``) by random
 vectors of the current batch. ``quantizer_dropout`` draws the number of
 active levels uniformly in ``[1, n_q]`` per example, so one model serves every
 bitrate from ``1 / n_q`` to the full one. Under DDP the statistics are summed
-over ranks and the initial codebooks are broadcast from rank 0.
+over ranks and the initial codebooks are broadcast from rank 0; every rank
+runs every level's collectives each training step, even a rank whose draw
+left a level with no active example (it adds zero counts).
 """
 
 from __future__ import annotations
@@ -95,9 +97,11 @@ class EMACodebook(nn.Module):
         return F.embedding(codes, self.codebook)
 
     @torch.no_grad()
-    def init_from(self, x: torch.Tensor) -> None:
-        """k-means on the first batch (rank 0's under DDP, broadcast to all)."""
-        centroids = kmeans(x, self.size, self.kmeans_iters)
+    def init_from(self, x: torch.Tensor, seed_rows: torch.Tensor | None = None) -> None:
+        """k-means on the first batch (rank 0's under DDP, broadcast to all); ``x`` may be
+        empty under DDP, and then k-means runs on ``seed_rows`` (the level's whole batch)."""
+        centroids = kmeans(x if x.shape[0] or seed_rows is None else seed_rows, self.size,
+                           self.kmeans_iters)
         if _distributed():
             torch.distributed.broadcast(centroids, 0)
         # The EMA statistics start from the batch's own assignment, so codes that
@@ -110,8 +114,10 @@ class EMACodebook(nn.Module):
         self.initialised.fill_(True)
 
     @torch.no_grad()
-    def update(self, x: torch.Tensor, codes: torch.Tensor) -> None:
-        """EMA update from vectors ``x`` float[N, D] assigned to ``codes`` int64[N]."""
+    def update(self, x: torch.Tensor, codes: torch.Tensor,
+               spare: torch.Tensor | None = None) -> None:
+        """EMA update from vectors ``x`` float[N, D] assigned to ``codes`` int64[N] (N may be
+        0 on a rank under DDP; dead codes are then drawn from ``spare``)."""
         onehot_sum = torch.zeros_like(self.embed_sum).index_add_(0, codes, x)
         counts = torch.bincount(codes, minlength=self.size).to(x.dtype)
         _all_reduce(counts), _all_reduce(onehot_sum)
@@ -121,11 +127,15 @@ class EMACodebook(nn.Module):
         # Laplace smoothing keeps rarely used codes from dividing by ~0.
         smoothed = (self.cluster_size + self.eps) / (total + self.size * self.eps) * total
         self.codebook.copy_(self.embed_sum / smoothed[:, None])
-        self.replace_dead(x)
+        self.replace_dead(x if x.shape[0] or spare is None else spare)
 
     @torch.no_grad()
     def replace_dead(self, x: torch.Tensor) -> None:
-        """Codes whose EMA count fell below the threshold become random batch vectors."""
+        """Codes whose EMA count fell below the threshold become random batch vectors.
+
+        Under DDP every rank sees the same counts (summed), so every rank takes the same
+        branch and the broadcast below is met by all of them.
+        """
         dead = self.cluster_size < self.dead_threshold  # (K,)
         n_dead = int(dead.sum())
         if n_dead == 0 or x.shape[0] == 0:
@@ -201,13 +211,15 @@ class ResidualVQ(nn.Module):
             on = (active > i)  # (B,)
             flat = residual.reshape(-1, D)  # (B*T, D)
             mask = on[:, None].expand(B, T).reshape(-1)  # (B*T,)
-            learn = self.training and bool(mask.any())
+            # Under DDP a level learns on every rank, even one whose dropout left it no
+            # active example here: its collectives must be met by all ranks.
+            learn = self.training and (bool(mask.any()) or _distributed())
             if learn and not bool(level.initialised):
-                level.init_from(flat[mask])
+                level.init_from(flat[mask], seed_rows=flat)
             idx = level.nearest(flat)  # (B*T,)
             q = level.lookup(idx).view(B, T, D) * on[:, None, None]
             if learn:  # after the lookup: this batch sees the codebook it is coded with
-                level.update(flat[mask], idx[mask])
+                level.update(flat[mask], idx[mask], spare=flat)
             codes.append(idx.view(B, T))
             quantized = quantized + q
             residual = residual - q

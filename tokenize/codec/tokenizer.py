@@ -2,8 +2,8 @@
 
 Goes in: a codec folder (``model.safetensors`` + ``config.json``) and mono
 float32 audio at the codec's rate. Comes out: ``uint16[n_q, T]`` codes per
-chunk at 50 Hz (``encode_batch``) and the manifest entry naming the codec
-(``describe``). The stage command tokenizes every audio shard
+chunk at 50 Hz (``encode_batch``) and the manifest entry naming the codec and the device
+type it ran on (``describe``). The stage command tokenizes every audio shard
 (``cantus.tokenize.run``):
 
     python -m cantus.tokenize.codec.tokenizer --params params.yaml \\
@@ -36,7 +36,8 @@ class AcousticTokens:
                       "checkpoint_hash": shards.sha256(folder / "model.safetensors"),
                       "sample_rate": self.sample_rate, "hop": self.model.cfg.hop,
                       "frame_rate": self.sample_rate / self.model.cfg.hop,
-                      "n_q": self.model.cfg.n_q, "codebook_size": self.model.cfg.codebook_size}
+                      "n_q": self.model.cfg.n_q, "codebook_size": self.model.cfg.codebook_size,
+                      "device": self.model._device().type}  # GPU and CPU codes may differ
 
     def describe(self) -> dict[str, Any]:
         return dict(self._desc)

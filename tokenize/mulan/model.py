@@ -123,6 +123,12 @@ class TextTower(nn.Module):
                 max_position_embeddings=max(64, cfg.text_max_tokens)), add_pooling_layer=False)
         else:
             self.encoder = AutoModel.from_pretrained(str(source), local_files_only=True)
+        # The tower mean-pools the last hidden states: a BERT pooler never reaches the loss,
+        # and a trainable parameter without a gradient stops DDP at its second step. Its
+        # weights stay in the state dict (saved models load as they are) but learn nothing.
+        pooler = getattr(self.encoder, "pooler", None)
+        if pooler is not None:
+            pooler.requires_grad_(False)
         self.max_tokens = cfg.text_max_tokens
         self.out_dim = self.encoder.config.hidden_size
 

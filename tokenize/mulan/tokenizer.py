@@ -3,7 +3,7 @@
 Goes in: a MuLan folder and a fitted RVQ folder, and mono float32 audio at
 MuLan's rate. Comes out: ``uint16[levels]`` per chunk (the RVQ codes of the
 mean of its window embeddings) and the manifest entry naming the model, the
-codebooks and the codes each level fitted. The stage command tokenizes every
+codebooks, the codes each level fitted and the device type. The stage command tokenizes every
 audio shard (``cantus.tokenize.run``):
 
     python -m cantus.tokenize.mulan.tokenizer --params params.yaml --audio data/audio \\
@@ -39,7 +39,8 @@ class MulanTokens:
                       "levels": rvq.get("levels"),
                       "codebook_size": rvq.get("codebook_size", rvq.get("size")),
                       "fitted_per_level": self.tok.rvq.fitted.tolist(),
-                      "sample_rate": self.sample_rate}
+                      "sample_rate": self.sample_rate,
+                      "device": self.tok.model.logit_scale.device.type}  # GPU, CPU may differ
 
     def describe(self) -> dict[str, Any]:
         return dict(self._desc)

@@ -5,8 +5,8 @@ JSON with ``caption`` and ``tags``) and section ``mulan`` of params.yaml.
 Comes out: ``<out>/model.safetensors`` + ``config.json`` (load with
 ``mulan_model.load_mulan``), numbered checkpoints in ``--checkpoints`` (a
 killed run resumes exactly: model, optimiser, schedule, data position and
-RNG state; only checkpoints of the same params, code and shards are resumed)
-and dvclive curves in ``--live``.
+RNG state, each rank's own under DDP; only checkpoints of the same params,
+code and shards are resumed) and dvclive curves in ``--live``.
 
 Each step takes ``batch_size`` random windows of ``window_seconds``, turns
 each sample's metadata into a text (its caption, or a random subset of its
@@ -37,8 +37,9 @@ from cantus.config import config_hash, load_section
 from cantus.tokenize.mulan.model import Mulan, build_mulan
 from cantus.tokenize.mulan.params import MulanConfig
 from cantus.training import run_id as training_run_id
-from cantus.training import (Checkpoints, Metrics, distributed, progress, rng_state,
-                             save_weights, set_rng_state, stage_main, warmup_cosine)
+from cantus.training import (Checkpoints, Metrics, distributed, gather_rank_states,
+                             own_rank_state, progress, rank_seed, rng_state, save_weights,
+                             set_rng_state, stage_main, warmup_cosine)
 
 log = logging.getLogger(__name__)
 
@@ -179,21 +180,27 @@ def run(cfg: MulanConfig, inputs: Inputs, out: str | Path, device: str = "cpu",
     torch.manual_seed(t.seed)
     core = build_mulan(cfg.model, seed=t.seed).to(device)
     model: torch.nn.Module = core
-    if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(core, find_unused_parameters=False)
+    if world > 1:  # every trainable parameter reaches the loss (the text pooler is frozen)
+        ids = [torch.device(device).index or 0] if str(device).startswith("cuda") else None
+        model = torch.nn.parallel.DistributedDataParallel(core, device_ids=ids,
+                                                          find_unused_parameters=False)
+    if rank:  # DDP: rank 0's weights are broadcast; each rank draws its own dropout
+        torch.manual_seed(rank_seed(t.seed, rank))
     opt = _optimiser(core, cfg)
     sched = _schedule(opt, cfg)
     data = AudioBatches(paths, crop_seconds=cfg.model.window_seconds,
                         sample_rate=cfg.model.sample_rate, batch_size=t.batch_size, seed=t.seed,
                         num_workers=t.num_workers, shuffle_buffer=t.shuffle_buffer, rank=rank,
-                        world=world, with_meta=True)
+                        world=world, with_meta=True, pin_memory=str(device).startswith("cuda"))
     ckpts = Checkpoints(inputs.checkpoints, t.keep_checkpoints)
-    parts = {"model": core, "optimiser": opt, "schedule": sched, "data": data}
-    state, step = ckpts.resume(want), 0
+    parts = {"model": core, "optimiser": opt, "schedule": sched}
+    state, step = ckpts.resume(want), 0  # rank 0 alone removes stale checkpoints
     if state is not None:
         for name, part in parts.items():
             part.load_state_dict(state[name])
-        set_rng_state(state["rng"])
+        own = own_rank_state(state["ranks"], str(ckpts.folder))  # this rank's RNG and data
+        data.load_state_dict(own["data"])
+        set_rng_state(own["rng"])
         step = int(state["step"])
     metrics = Metrics(inputs.live, resume=step > 0) if inputs.live and rank == 0 else None
     model.train()
@@ -203,7 +210,7 @@ def run(cfg: MulanConfig, inputs: Inputs, out: str | Path, device: str = "cpu",
     while step < t.steps and (stop_after is None or step < stop_after):
         batch = next(batches)
         texts = batch_texts(batch["meta"], t.seed, step, rank, t.caption_prob, t.tag_keep)
-        batch["audio"] = batch["audio"].to(device)
+        batch["audio"] = batch["audio"].to(device, non_blocking=batch["audio"].is_pinned())
         loss, temp = train_step(model, opt, sched, batch, texts, t.grad_clip)
         step += 1
         if bar is not None:
@@ -213,9 +220,11 @@ def run(cfg: MulanConfig, inputs: Inputs, out: str | Path, device: str = "cpu",
             log.info("step %d loss %.4f temperature %.4f", step, loss, temp)
             if metrics is not None:
                 metrics.log(step, loss=loss, temperature=temp, lr=sched.get_last_lr()[0])
-        if rank == 0 and (step % t.checkpoint_every == 0 or step == t.steps):
-            ckpts.save(step, {**{k: v.state_dict() for k, v in parts.items()},
-                              "rng": rng_state(), "run_id": want, "last_loss": loss})
+        if step % t.checkpoint_every == 0 or step == t.steps:
+            ranks = gather_rank_states({"data": data.state_dict(), "rng": rng_state()})
+            if rank == 0:
+                ckpts.save(step, {**{k: v.state_dict() for k, v in parts.items()},
+                                  "ranks": ranks, "run_id": want, "last_loss": loss})
     if bar is not None:
         bar.close()
     if metrics is not None:
@@ -241,10 +250,11 @@ def _main(args) -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         import torch.distributed as dist
 
-        dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
-        if args.device == "cuda":
+        cuda = args.device.startswith("cuda")  # "cuda" and "cuda:N" alike
+        if cuda:  # the device first: NCCL binds each rank to its current device
             args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
             torch.cuda.set_device(args.device)
+        dist.init_process_group("nccl" if cuda else "gloo")
     summary = run(cfg, Inputs(args.audio, args.checkpoints, args.live), args.out, args.device)
     print(summary)
 

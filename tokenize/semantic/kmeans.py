@@ -77,14 +77,20 @@ def normalisation(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def fit_kmeans(x: np.ndarray, k: int, iterations: int, seed: int,
-               restarts: int = 1) -> tuple[np.ndarray, float]:
-    """faiss k-means on float32[N, D]: centroids float32[K, D] and mean squared distance."""
+               restarts: int = 1, gpu: bool = False) -> tuple[np.ndarray, float]:
+    """faiss k-means on float32[N, D]: centroids float32[K, D] and mean squared distance.
+
+    ``gpu``: on faiss's GPUs when this faiss has any (the config asked for CUDA; a
+    CPU-only faiss fits on the CPU); GPU centroids differ from the CPU's in the last bits.
+    """
     import faiss
 
     if len(x) < k:
         raise ValueError(f"{len(x)} frames cannot make {k} clusters")
     x = np.ascontiguousarray(x, np.float32)
-    gpu = torch.cuda.is_available() and getattr(faiss, "get_num_gpus", lambda: 0)() > 0
+    if gpu and getattr(faiss, "get_num_gpus", lambda: 0)() == 0:
+        log.info("faiss has no GPU support here: k-means runs on the CPU")
+        gpu = False
     km = faiss.Kmeans(x.shape[1], k, niter=iterations, seed=seed, gpu=gpu, verbose=False, nredo=restarts,
                       max_points_per_centroid=len(x) // k + 1)  # use the whole sample
     km.train(x)
@@ -190,8 +196,10 @@ def fit(features: Iterator[np.ndarray], cfg: KMeansConfig) -> tuple[Codebook, di
             log.info("%d clips, %d frames seen", i, res.seen)
     x = res.sample()
     mean, std = normalisation(x)
+    # faiss on the GPU only when the config's device is CUDA, never because one is present
+    gpu = resolve_device(cfg.device).startswith("cuda")
     centroids, inertia = fit_kmeans((x - mean) / std, cfg.clusters, cfg.iterations, cfg.seed,
-                                   cfg.restarts)
+                                   cfg.restarts, gpu=gpu)
     return Codebook(centroids, mean, std), {"frames_seen": res.seen, "frames_sampled": len(x),
                                             "inertia": inertia}
 

@@ -3,7 +3,7 @@
 Goes in: the pretraining stage's output (weights, or a manifest naming a
 local checkpoint), the fitted k-means codebook and 16 kHz mono float32 audio.
 Comes out: ``uint16[T]`` tokens per chunk at the codebook's token rate (25 Hz)
-and the manifest entry naming model, layer and centroids. The stage command
+and the manifest entry naming model, layer, centroids and the device type. The stage command
 tokenizes every audio shard (``cantus.tokenize.run``):
 
     python -m cantus.tokenize.semantic.tokenizer --params params.yaml --audio data/audio \\
@@ -32,7 +32,8 @@ class SemanticTokens:
         self._desc = {"kind": "w2v-bert-kmeans", "checkpoint_hash": m["model_hash"],
                       "layer": m["layer"], "frame_rate": m["token_rate"],
                       "k": m["clusters"], "centroid_hash": m["centroid_hash"],
-                      "sample_rate": self.sample_rate}
+                      "sample_rate": self.sample_rate,
+                      "device": self.tok.extractor.device.type}  # GPU and CPU tokens may differ
 
     def describe(self) -> dict[str, Any]:
         return dict(self._desc)
