@@ -163,3 +163,71 @@ def test_bad_input_exits_2_with_one_line_naming_it_for_every_subcommand(tmp_path
     for name in CASES:  # no command did any work before refusing
         out = tmp_path / f"k-{name.replace(' ', '_')}" / "out"
         assert not out.exists() and not out.with_suffix(".json").exists(), name
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict[str, Path]:
+    """Seeded melodies with captions, their ingest output, tiny untrained models of every
+    kind (as tests/test_generate.py makes them) and configs/tiny.yaml applied."""
+    import dataclasses
+
+    from cantus.tokenize.codec.model import CodecConfig
+    from cantus.train.stage import save_stage
+    from conftest import audio_shards, tiny_tokenizer_models
+    from test_generate import CAPTIONS, K, tiny_lm, tokens_cfg
+
+    tmp = tmp_path_factory.mktemp("cli")
+    audio = audio_shards(tmp, 4, 4.0, seed=700, chunk_seconds=2.0, valid_fraction=0.3,
+                         min_chunk_seconds=1.0, rate=24000, sidecars=CAPTIONS)
+    models = tmp / "models"
+    tiny_tokenizer_models(models, audio, dataclasses.replace(CodecConfig.tiny(), n_q=12,
+                                                             codebook_size=K))
+    for i, stage in enumerate(("semantic", "coarse", "fine")):
+        model, lay = tiny_lm(stage, seed=i)
+        save_stage(model, lay, tokens_cfg(), models / f"lm_{stage}")
+    subprocess.run([sys.executable, "-m", "cantus.overlay", "apply", str(ROOT / "configs" /
+                    "tiny.yaml"), "--params", str(ROOT / "params.yaml"), "--out",
+                    str(tmp / "tiny.yaml")], check=True, capture_output=True)
+    return {"tmp": tmp, "src": tmp / "src", "audio": audio, "models": models,
+            "params": tmp / "tiny.yaml"}
+
+
+@pytest.mark.slow
+def test_generate_continues_a_mono_or_stereo_audio_prompt_from_the_command_line(tiny):
+    """decode gives channels-first audio, float32[C, N]: the command downmixes it."""
+    tmp, rate = tiny["tmp"], 48000
+    t = np.arange(int(0.4 * rate)) / rate
+    tone = (0.3 * np.sin(2 * np.pi * 330 * t)).astype(np.float32)
+    sf.write(str(tmp / "reel.wav"), tone, rate)                                  # (1, N)
+    sf.write(str(tmp / "duo.flac"), np.stack([tone, 0.5 * tone], 1), rate)      # (2, N)
+    for name, text in (("reel.wav", "solo harp"), ("duo.flac", "")):
+        out = tmp / f"more-{name}.wav"
+        p = cantus("generate", *([text] if text else []), "--continue", str(tmp / name),
+                   "--seconds", "0.4", "--out", str(out), "--models", str(tiny["models"]),
+                   "--params", str(ROOT / "params.yaml"), "--device", "cpu")
+        assert p.returncode == 0, p.stderr[-3000:]
+        x, got = sf.read(str(out))
+        assert got == 24000 and x.shape == (int(0.8 * 24000),), (name, x.shape)  # 0.4 + 0.4 s
+        assert np.abs(x).max() > 0
+    line = one_line_error(cantus("generate", "harp", "--continue", str(tmp / "nowhere.wav"),
+                                 "--out", str(tmp / "x.wav"), "--models", str(tiny["models"])))
+    assert "--continue" in line and "nowhere.wav: no such file" in line
+
+
+@pytest.mark.slow
+def test_ingest_tokenize_and_codec_eval_exit_0_on_tiny_inputs(tiny):
+    tmp, params = tiny["tmp"], str(tiny["params"])
+    p = cantus("ingest", "--params", params, "--source", str(tiny["src"]), "--out",
+               str(tmp / "audio2"), "--cache", str(tmp / "cache2"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "4 inputs" in p.stdout and list((tmp / "audio2").glob("train-*.tar"))
+    p = cantus("tokenize", "acoustic", "--params", params, "--audio", str(tmp / "audio2"),
+               "--codec", str(tiny["models"] / "codec"), "--out", str(tmp / "acoustic"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "(0 already done)" in p.stdout
+    assert json.loads((tmp / "acoustic" / "manifest.json").read_text())["field"] == "acoustic"
+    p = cantus("codec", "eval", "--params", params, "--audio", str(tmp / "audio2"), "--model",
+               str(tiny["models"] / "codec"), "--out", str(tmp / "codec.json"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "usage" in json.loads((tmp / "codec.json").read_text())
+    assert "beats Opus on mel distance" in p.stdout
