@@ -154,11 +154,31 @@ def step_losses(model: W2VBert, feats, attn, cfg: PretrainConfig, step: int):
 def pretrain(cfg: SemanticConfig, train_shards: list[str], out: Path,
              checkpoints: Path, metrics: Path | None = None,
              stop_after: int | None = None) -> dict[str, Any]:
-    """Train (or resume) and write the model to ``out``; ``stop_after`` simulates a crash."""
+    """Train (or resume) and write the model to ``out``; ``stop_after`` simulates a crash.
+
+    Runs with torch's deterministic algorithms: with more than one thread the
+    default kernels of some op in this graph give other low bits from run to
+    run (a demo-size step's gradients differed between two processes on 2
+    threads, and not on 1), so the same inputs gave other weights. The
+    deterministic ones gave equal gradients at about the same speed
+    (``python bench/w2v_determinism.py``).
+    """
+    previous = (torch.are_deterministic_algorithms_enabled(),
+                torch.is_deterministic_algorithms_warn_only_enabled())
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        return _pretrain(cfg, train_shards, out, checkpoints, metrics, stop_after)
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+
+
+def _pretrain(cfg: SemanticConfig, train_shards: list[str], out: Path, checkpoints: Path,
+              metrics: Path | None, stop_after: int | None) -> dict[str, Any]:
     p = cfg.pretrain
     device = training.resolve_device(p.device)
     torch.manual_seed(p.seed)
-    model = W2VBert(sm.build(cfg.model.size, p.dropout, cfg.model.utterance_norm), p.codebook_size, p.codevector_dim).to(device)
+    model = W2VBert(sm.build(cfg.model.size, p.dropout, cfg.model.utterance_norm), p.codebook_size,
+                    p.codevector_dim).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=p.lr, weight_decay=p.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(p))
     rate = load_all(train_shards[:1], limit=1)[0][1]["sample_rate"]
