@@ -448,7 +448,8 @@ def test_lm_ddp_on_one_shard_resumes_each_ranks_rng_and_data(tmp_path):
     assert (tmp_path / "a" / "model.safetensors").read_bytes() == \
         (tmp_path / "b" / "model.safetensors").read_bytes()
     ck = torch.load(tmp_path / "ck_b" / "step-00000006.pt", weights_only=True)
-    assert [r["data"]["consumed"] for r in ck["ranks"]] == [[12], [12]]  # 6 steps x 2 each
+    data = [r["data"] for r in ck["ranks"]]
+    assert data[0] == data[1] and data[0]["epoch"] >= 1  # each rank its half, epoch by epoch
     assert not torch.equal(ck["ranks"][0]["rng"]["torch"], ck["ranks"][1]["rng"]["torch"])
 
 
