@@ -4,10 +4,10 @@ One tiny chain (seeded melodies with captions, configs/tiny.yaml plus a few
 overrides below) is run uninterrupted once, every stage as ``cantus ...`` in a
 subprocess: those outputs are the references. Then, for each stage of the
 matrix and each of 3 kill points ``k`` (distinct, drawn by a seeded RNG), the
-stage runs again into a fresh folder as a child that pauses after each item
-(an input, a shard, a checkpoint, a generation: the function in ``TARGETS``);
-it is killed with SIGKILL after its k-th item, while it pauses, so the kill
-lands mid-stage, and is then rerun. The harness asserts:
+stage runs again into a fresh folder as a child that is held after its k-th
+item (an input, a shard, a checkpoint, a generation: a call of the function in
+``TARGETS``), killed there with SIGKILL, so the kill lands mid-stage, between
+two items, and then rerun. The harness asserts:
 
 - the kill landed before the stage finished (killed by the signal, no final output);
 - the rerun resumed where the stage promises it: ingest takes the finished
@@ -57,7 +57,7 @@ CAPTIONS = [{"caption": "a slow piece on harp", "tags": {"instruments": ["harp"]
             {"caption": "a fast reel on banjo", "tags": {"instruments": ["banjo"]}},
             {"caption": "banjo and harp duet", "tags": {"instruments": ["banjo", "harp"]}}]
 
-# stage -> the function its child pauses after, once per item ("module:attribute")
+# stage -> the function of one item ("module:attribute"); its k-th call is the kill point
 TARGETS = {
     "ingest": "cantus.ingest.staging:process_task",
     "tokenize acoustic": "cantus.tokenize.run:ShardTokenizer.run",
@@ -73,8 +73,9 @@ TARGETS = {
 TRAINERS = {"codec train": "codec", "semantic pretrain": "semantic", "mulan train": "mulan",
             "train coarse": "lm_coarse"}
 
-# The child: `cantus ARGS` with $KILL_TARGET paused after each call (a line appended to
-# $KILL_PROGRESS first), and with $KILL_RESUMED, the step of every checkpoint loaded.
+# The child: `cantus ARGS`; with $KILL_TARGET, held after its $KILL_AT-th call returns
+# (once $KILL_PROGRESS is written) until killed; with $KILL_RESUMED, the step of every
+# checkpoint loaded appended to that file.
 CHILD = r"""
 import functools, importlib, os, sys, time
 
@@ -87,11 +88,15 @@ def patch(spec, wrap):
     setattr(owner, name, functools.wraps(getattr(owner, name))(wrap(getattr(owner, name))))
 
 def paused(real):
+    calls = []
     def call(*a, **kw):
         out = real(*a, **kw)
-        with open(os.environ["KILL_PROGRESS"], "a") as f:
-            f.write("item\n")
-        time.sleep(float(os.environ["KILL_PAUSE"]))
+        calls.append(1)
+        if len(calls) == int(os.environ["KILL_AT"]):
+            with open(os.environ["KILL_PROGRESS"], "w") as f:
+                f.write(f"{len(calls)}\n")
+            while True:  # held here until the harness kills it
+                time.sleep(1)
         return out
     return call
 
@@ -224,16 +229,15 @@ def kill_points(name: str, n: int) -> list[int]:
 
 
 def kill_after(args: list[str], target: str, k: int, r: Path) -> None:
-    """Run ``cantus ARGS`` as a child pausing after each call of ``target``; SIGKILL it
-    after the k-th. Fails when the child ends first (the kill would not land mid-stage)."""
+    """Run ``cantus ARGS`` as a child held after its k-th call of ``target``; SIGKILL it
+    there. Fails when the child ends first (the kill would not land mid-stage)."""
     progress = r / "progress"
     r.mkdir(parents=True)
     with (r / "killed.log").open("w") as log:
         proc = subprocess.Popen([sys.executable, "-c", CHILD, *args], stdout=log, stderr=log,
                                 env=_env(KILL_TARGET=target, KILL_PROGRESS=str(progress),
-                                         KILL_PAUSE="0.4"))
-        while proc.poll() is None and (not progress.exists()
-                                       or progress.read_text().count("\n") < k):
+                                         KILL_AT=str(k)))
+        while proc.poll() is None and not progress.exists():
             time.sleep(0.02)
         alive = proc.poll() is None
         os.kill(proc.pid, signal.SIGKILL)
@@ -261,9 +265,8 @@ def curves(folder: Path) -> dict[str, bytes]:
 def check_resumed(name: str, r: Path, rerun: subprocess.CompletedProcess, k: int) -> str:
     """Assert the rerun took up what the killed run finished; returns what it resumed."""
     if name == "ingest":
-        staged = len(list((r / "cache" / "ingest").rglob("*.tar")))
         cached = int(re.search(r"(\d+) inputs from the cache", rerun.stdout).group(1))
-        assert cached == staged >= k, (cached, staged, k)
+        assert cached == int(r.joinpath("finished").read_text()) >= k, (cached, k)
         return f"{cached} inputs cached"
     if name.startswith("tokenize"):
         done = int(re.search(r"\((\d+) already done\)", rerun.stdout).group(1))
@@ -278,8 +281,8 @@ def check_resumed(name: str, r: Path, rerun: subprocess.CompletedProcess, k: int
 
 
 def _record_left(name: str, r: Path) -> None:
-    """What the killed run left that the rerun may take up: finished shards, the newest
-    checkpoint's step (written to ``r/finished``)."""
+    """What the killed run left that the rerun may take up (written to ``r/finished``):
+    the inputs in the cache, the finished shards, the newest checkpoint's step."""
     if name.startswith("tokenize"):
         out = outputs(name, r)
         assert not (out / "index.parquet").exists()
@@ -290,6 +293,7 @@ def _record_left(name: str, r: Path) -> None:
         r.joinpath("finished").write_text(str(max(steps)))
     elif name == "ingest":
         assert not (outputs(name, r) / "manifest.parquet").exists()
+        r.joinpath("finished").write_text(str(len(list((r / "cache").rglob("*.tar")))))
     elif name == "pack":
         assert not (outputs(name, r) / "manifest.json").exists()
     else:
