@@ -38,8 +38,9 @@ from cantus.audio import decode_sample  # noqa: F401  (re-exported: callers impo
 
 
 def shard_paths(folder: str | Path, split: str) -> list[str]:
-    """Sorted shard paths of one split in an audio or token shard folder."""
-    paths = sorted(str(p) for p in Path(folder).glob(f"{split}-*.tar"))
+    """Sorted shard paths of one split in an audio or token shard folder (local, or a URL
+    such as ``s3://bucket/audio``: then full URLs, which ``shards.iter_samples`` streams)."""
+    paths = shards.glob(folder, f"{split}-*.tar")
     if not paths:
         raise FileNotFoundError(f"no '{split}' shards in {folder} (expected {split}-NNNNNN.tar)")
     return paths

@@ -35,9 +35,65 @@ def _is_local(fs) -> bool:
     return "file" in protocols
 
 
+def is_url(path: str | Path) -> bool:
+    """Whether ``path`` names a remote file system (``s3://...``), not a local path."""
+    return "://" in str(path) and not str(path).startswith("file://")
+
+
+def join(folder: str | Path, name: str) -> str:
+    """``folder/name``, keeping a URL a URL (``Path`` would turn ``s3://`` into ``s3:/``)."""
+    return f"{str(folder).rstrip('/')}/{name}" if is_url(folder) else str(Path(folder) / name)
+
+
 def exists(path: str | Path) -> bool:
     fs, p = _fs(path)
     return fs.exists(p)
+
+
+def is_dir(path: str | Path) -> bool:
+    """Whether ``path`` (local or URL) is a folder; on an object store, a prefix holding
+    at least one object."""
+    fs, p = _fs(path)
+    if not _is_local(fs):
+        fs.invalidate_cache(p)  # another process (a Ray worker) may have written there
+    return fs.isdir(p)
+
+
+def glob(folder: str | Path, pattern: str) -> list[str]:
+    """Sorted paths in ``folder`` matching ``pattern`` (no ``/``): local paths for a local
+    folder, full URLs for a remote one; always listed afresh."""
+    fs, p = _fs(folder)
+    if _is_local(fs):  # relative stays relative
+        base = Path(p) if str(folder).startswith("file://") else Path(folder)
+        return sorted(str(x) for x in base.glob(pattern))
+    fs.invalidate_cache(p)
+    return sorted(fs.unstrip_protocol(x) for x in fs.glob(f"{p.rstrip('/')}/{pattern}"))
+
+
+def read_bytes(path: str | Path) -> bytes:
+    fs, p = _fs(path)
+    with fs.open(p, "rb") as f:
+        return f.read()
+
+
+def read_json(path: str | Path) -> Any:
+    return json.loads(read_bytes(path))
+
+
+def size(path: str | Path) -> int:
+    fs, p = _fs(path)
+    return int(fs.size(p))
+
+
+def remove(path: str | Path) -> None:
+    fs, p = _fs(path)
+    fs.rm(p)
+
+
+def makedirs(path: str | Path) -> None:
+    """Create a folder (a no-op on object stores, where prefixes need no creating)."""
+    fs, p = _fs(path)
+    fs.makedirs(p, exist_ok=True)
 
 
 def sha256(path: str | Path, block: int = 1 << 22) -> str:
@@ -53,17 +109,18 @@ def sha256(path: str | Path, block: int = 1 << 22) -> str:
 
 
 def remove_unplanned(folder: str | Path, planned: Iterable[str]) -> list[str]:
-    """Delete ``{split}-NNNNNN.tar`` shards (and ``.json`` sidecars) of a local ``folder``
-    whose shard name is not in ``planned``: what an earlier, larger plan left, which a
-    reader globbing the folder would pick up. Returns the names removed."""
+    """Delete ``{split}-NNNNNN.tar`` shards (and ``.json`` sidecars) of ``folder`` (local
+    or URL) whose shard name is not in ``planned``: what an earlier, larger plan left,
+    which a reader globbing the folder would pick up. Returns the names removed."""
     import re
 
     keep = {Path(n).stem for n in planned}
     gone = []
-    for p in sorted(Path(folder).glob("*-*")):
+    for path in glob(folder, "*-*"):
+        p = Path(path)
         if (p.suffix in (".tar", ".json") and re.fullmatch(r"[a-z]+-\d{6}", p.stem)
                 and p.stem not in keep):
-            p.unlink()
+            remove(path)
             gone.append(p.name)
     if gone:
         log.warning("%s: removed %d shard file(s) no longer planned: %s", folder, len(gone),

@@ -67,10 +67,11 @@ def iter_token_samples(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]
 
 
 def read_manifest(folder: str | Path) -> dict[str, Any]:
-    path = Path(folder) / "manifest.json"
-    if not path.is_file():
+    """A token folder's ``manifest.json`` (the folder local or a URL)."""
+    path = shards.join(folder, "manifest.json")
+    if not shards.exists(path):
         raise FileNotFoundError(f"{folder}: no manifest.json (not a token folder?)")
-    return json.loads(path.read_text())
+    return shards.read_json(path)
 
 
 def _diff(expected: Any, found: Any, where: str) -> list[str]:

@@ -237,12 +237,15 @@ def run_id(head: str, module: str, paths: list[str]) -> str:
 
     h = hashlib.sha256(head.encode())
     h.update(code_digest(module).encode())
+    from cantus import shards  # paths may be URLs (s3://...): the same id as on disk
+
     for p in paths:
-        h.update(f"{Path(p).name}:{os.path.getsize(p)}".encode())
-    for folder in sorted({str(Path(p).parent) for p in paths}):
+        h.update(f"{Path(p).name}:{shards.size(p)}".encode())
+    for folder in sorted({p.rsplit("/", 1)[0] if shards.is_url(p) else str(Path(p).parent)
+                          for p in paths}):
         for name in INDEX_FILES:
-            if (Path(folder) / name).is_file():
-                h.update(name.encode() + (Path(folder) / name).read_bytes())
+            if shards.exists(index := shards.join(folder, name)):
+                h.update(name.encode() + shards.read_bytes(index))
     return h.hexdigest()[:16]
 
 

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from cantus import shards
 from cantus.audio import resample
 from cantus.config import load_section
 from cantus.tokens import ACOUSTIC_HZ, SEMANTIC_HZ
@@ -90,8 +91,9 @@ class GenerateConfig:
 
 
 def model_paths(root: str | Path) -> dict[str, str]:
-    """The model folders of a ``dvc repro`` output folder (``models/``)."""
-    return {k: str(Path(root) / v) for k, v in MODEL_FOLDERS.items()}
+    """The model folders of a ``dvc repro`` output folder (``models/``, or a URL such as
+    ``s3://bucket/models``, whose folders ``Generator`` fetches into a local cache)."""
+    return {k: shards.join(root, v) for k, v in MODEL_FOLDERS.items()}
 
 
 def check_request(prompts: list[str] | None, seconds: float, max_seconds: float) -> None:
@@ -108,6 +110,15 @@ def check_request(prompts: list[str] | None, seconds: float, max_seconds: float)
 
 
 def _need(path: str, what: str) -> str:
+    """``path`` as a local model folder (a URL's folder fetched, ``cantus.model_cache``);
+    FileNotFoundError naming ``what`` when there is none."""
+    if shards.is_url(path):
+        from cantus.model_cache import local_folder
+
+        try:
+            return local_folder(path)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"{what} model folder not found: {e}") from None
     if not Path(path).is_dir():
         raise FileNotFoundError(f"{what} model folder not found: {path} (run `dvc repro` "
                                 f"or pass --models)")
@@ -126,20 +137,25 @@ class Generator:
         from cantus.tokenize.codec.model import SoundStream
         from cantus.tokenize.mulan.rvq import MulanTokenizer
 
-        self.paths, self.device = paths, device
-        self.stages = {s: load_stage(_need(paths[f"{s}_lm"], f"{s} LM"), device)
+        self.paths, self.device = dict(paths), device
+        self.stages = {s: load_stage(self._local(f"{s}_lm", f"{s} LM"), device)
                        for s in ("semantic", "coarse", "fine")}
         for name, (_, layout) in self.stages.items():
             if layout.dedup:
                 raise ValueError(f"{paths[name + '_lm']} was trained on de-duplicated semantic "
                                  "tokens, which carry no timing; generation needs "
                                  f"lm.{name}.dedup_semantic: false")
-        self.codec = SoundStream.load(_need(paths["codec"], "codec"), device=device)
-        self.mulan = MulanTokenizer.load(_need(paths["mulan"], "MuLan"),
-                                         _need(paths["mulan_rvq"], "MuLan RVQ"), device=device)
+        self.codec = SoundStream.load(self._local("codec", "codec"), device=device)
+        self.mulan = MulanTokenizer.load(self._local("mulan", "MuLan"),
+                                         self._local("mulan_rvq", "MuLan RVQ"), device=device)
         self.sample_rate = self.codec.cfg.sample_rate
         self._semantic_tok = None
         self._check_tokenizers()
+
+    def _local(self, name: str, what: str) -> str:
+        """The local folder of model ``name`` (fetched once if a URL), kept in ``paths``."""
+        self.paths[name] = _need(self.paths[name], what)
+        return self.paths[name]
 
     def _check_tokenizers(self) -> None:
         """Refuse a codec or MuLan other than the ones the LM stages were trained on."""
@@ -166,8 +182,8 @@ class Generator:
         if self._semantic_tok is None:
             from cantus.tokenize.semantic.kmeans import SemanticTokenizer
 
-            self._semantic_tok = SemanticTokenizer(_need(self.paths["semantic"], "w2v-BERT"),
-                                                   _need(self.paths["semantic_kmeans"], "k-means"),
+            self._semantic_tok = SemanticTokenizer(self._local("semantic", "w2v-BERT"),
+                                                   self._local("semantic_kmeans", "k-means"),
                                                    device=self.device)
         return self._semantic_tok
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -226,14 +225,13 @@ def _shard_matches(job: dict[str, Any]) -> bool:
 
 
 def remove_stale_shards(out: str, keep: dict[str, Any]) -> list[str]:
-    """Delete shard tars (and temp leftovers) of an earlier, larger plan."""
-    local = shards.local_path(out)
-    if local is None or not local.is_dir():
-        return []
+    """Delete shard tars (and temp leftovers) of an earlier, larger plan from ``out`` (a
+    local folder or a URL); returns their names."""
     removed = []
-    for p in sorted(local.iterdir()):
-        stale_tar = p.suffix == ".tar" and p.name.split("-")[0] in SPLITS and p.name not in keep
-        if stale_tar or ".tmp-" in p.name:
-            os.remove(p)
-            removed.append(p.name)
+    for path in shards.glob(out, "*"):
+        name = path.rsplit("/", 1)[-1]
+        stale_tar = name.endswith(".tar") and name.split("-")[0] in SPLITS and name not in keep
+        if stale_tar or ".tmp-" in name:
+            shards.remove(path)
+            removed.append(name)
     return removed

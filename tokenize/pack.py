@@ -37,12 +37,13 @@ log = logging.getLogger(__name__)
 _META_KEYS = ("caption", "tags", "source", "offset_s", "duration_s", "split", "licence")
 
 
-def _field_tokens(folder: Path, shard: str, field: str, audio_sha256: str) -> dict[str, Any]:
-    path = folder / shard
-    if not path.is_file():
+def _field_tokens(folder: str, shard: str, field: str, audio_sha256: str) -> dict[str, Any]:
+    path = shards.join(folder, shard)
+    if not shards.exists(path):
         raise FileNotFoundError(f"{path}: missing {field} token shard (run the tokenize stage)")
-    sidecar = path.with_suffix(".json")
-    made_from = json.loads(sidecar.read_text()).get("input_sha256") if sidecar.is_file() else None
+    sidecar = path[: -len(".tar")] + ".json"
+    made_from = (shards.read_json(sidecar).get("input_sha256") if shards.exists(sidecar)
+                 else None)
     if made_from != audio_sha256:
         raise ValueError(f"{path}: {field} tokens of other audio than the audio shard {shard} "
                          f"(sha256 {str(made_from)[:12]}, the shard is {audio_sha256[:12]}): "
@@ -57,8 +58,8 @@ def align(acoustic, semantic):
     return acoustic[:, : ts * ratio], semantic[:ts]
 
 
-def pack_shard(audio_path: Path, folders: dict[str, Path], out: Path) -> dict[str, Any]:
-    name = audio_path.name
+def pack_shard(audio_path: str, folders: dict[str, str], out: str) -> dict[str, Any]:
+    name = Path(audio_path).name
     data, digest = shards.read_hashed(audio_path)  # one read: the identity and the metadata
     tokens = {f: _field_tokens(folders[f], name, f, digest) for f in FIELDS}
     samples, rows, rejects = [], [], []
@@ -79,32 +80,34 @@ def pack_shard(audio_path: Path, folders: dict[str, Path], out: Path) -> dict[st
         rows.append({"key": key, "split": meta["split"], "shard": name,
                      "acoustic_frames": int(a.shape[1]), "semantic_frames": int(s.shape[0]),
                      "seconds": s.shape[0] / SEMANTIC_HZ})
-    shards.write_shard(out / name, samples)
+    shards.write_shard(shards.join(out, name), samples)
     return {"rows": rows, "rejects": rejects}
 
 
 def run(audio_dir: str | Path, folders: dict[str, str | Path], out: str | Path) -> dict[str, Any]:
-    audio_dir, out = Path(audio_dir), Path(out)
-    folders = {f: Path(p) for f, p in folders.items()}
-    out.mkdir(parents=True, exist_ok=True)
-    tokenizers = {f: json.loads((folders[f] / "manifest.json").read_text())["tokenizer"]
+    """Join ``folders`` (field -> token folder) by key into ``out``; every folder local or
+    a URL (``s3://...``). Returns the summary (chunks, shards, rejects, hours)."""
+    audio_dir, out = str(audio_dir), str(out)
+    folders = {f: str(p) for f, p in folders.items()}
+    shards.makedirs(out)
+    tokenizers = {f: shards.read_json(shards.join(folders[f], "manifest.json"))["tokenizer"]
                   for f in FIELDS}
-    paths = sorted(audio_dir.glob("train-*.tar")) + sorted(audio_dir.glob("valid-*.tar"))
-    shards.remove_unplanned(out, [p.name for p in paths])  # a glob must not find old shards
+    paths = shards.glob(audio_dir, "train-*.tar") + shards.glob(audio_dir, "valid-*.tar")
+    shards.remove_unplanned(out, [Path(p).name for p in paths])  # a glob must not find old shards
     rows, rejects = [], []
     for p in paths:
         got = pack_shard(p, folders, out)
         rows += got["rows"]
         rejects += got["rejects"]
     for f in FIELDS:  # chunks a tokenizer could not handle
-        rejects += shards.read_parquet(folders[f] / "rejects.parquet").to_pylist()
-    shards.write_parquet(out / "index.parquet", pa.Table.from_pylist(rows, schema=pa.schema([
+        rejects += shards.read_parquet(shards.join(folders[f], "rejects.parquet")).to_pylist()
+    shards.write_parquet(shards.join(out, "index.parquet"), pa.Table.from_pylist(rows, pa.schema([
         ("key", pa.string()), ("split", pa.string()), ("shard", pa.string()),
         ("acoustic_frames", pa.int32()), ("semantic_frames", pa.int32()),
         ("seconds", pa.float64())])))
-    shards.write_parquet(out / "rejects.parquet", pa.table(
+    shards.write_parquet(shards.join(out, "rejects.parquet"), pa.table(
         {c: pa.array([r[c] for r in rejects], pa.string()) for c in ("key", "reason", "detail")}))
-    shards.atomic_write_json(out / "manifest.json", {
+    shards.atomic_write_json(shards.join(out, "manifest.json"), {
         "tokenizers": tokenizers, "fields": list(FIELDS),
         "rates": {"acoustic_hz": ACOUSTIC_HZ, "semantic_hz": SEMANTIC_HZ}})
     summary = {"chunks": len(rows), "shards": len(paths), "rejects": len(rejects),
@@ -127,9 +130,9 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         for flag in ("audio", *FIELDS):
-            if not Path(getattr(args, flag)).is_dir():
+            if not shards.is_dir(getattr(args, flag)):  # local, or a URL (s3://...)
                 raise FileNotFoundError(f"--{flag} {getattr(args, flag)}: no such folder")
-        if not any(Path(args.audio).glob("*.tar")):
+        if not shards.glob(args.audio, "*.tar"):
             raise FileNotFoundError(f"--audio {args.audio}: no audio shards (*.tar)")
         summary = run(args.audio, {f: getattr(args, f) for f in FIELDS}, args.out)
     except FileNotFoundError as e:

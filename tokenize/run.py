@@ -266,15 +266,23 @@ class ShardTokenizer:
 
 
 def open_tokenizer(tokenizer: type, models: dict[str, str], device: str = "cpu"):
-    """``tokenizer(models, device)`` once every model folder it needs is there."""
+    """``tokenizer(models, device)`` once every model folder it needs is there; a folder at
+    a URL (``s3://...``) is fetched into this node's cache first (``cantus.model_cache``)."""
+    from cantus.model_cache import local_folder
+
     missing = [m for m in tokenizer.models if not models.get(m)]
     if missing:
         raise ValueError(f"field {tokenizer.field!r} needs model folder(s): "
                          + ", ".join(f"--{m.replace('_', '-')}" for m in missing))
+    local = {}
     for name in tokenizer.models:
-        if not Path(models[name]).is_dir():
+        try:
+            local[name] = local_folder(models[name])
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"{name} model folder not found: {e}") from None
+        if not Path(local[name]).is_dir():
             raise FileNotFoundError(f"{name} model folder not found: {models[name]}")
-    return tokenizer({m: str(models[m]) for m in tokenizer.models}, device)
+    return tokenizer(local, device)
 
 
 def _sidecar(out_path: str) -> str:
@@ -285,8 +293,7 @@ def _done(out_path: str, audio_path: str) -> dict[str, Any] | None:
     """The sidecar of a finished token shard made from this very audio shard, else None."""
     if not (shards.exists(out_path) and shards.exists(_sidecar(out_path))):
         return None
-    with open(_sidecar(out_path)) as f:
-        summary = json.load(f)
+    summary = shards.read_json(_sidecar(out_path))
     if summary.get("input_sha256") != shards.sha256(audio_path):
         log.warning("%s was made from other audio than %s: tokenizing it again", out_path,
                     audio_path)
@@ -294,15 +301,15 @@ def _done(out_path: str, audio_path: str) -> dict[str, Any] | None:
     return summary
 
 
-def _prepare_out(out: Path, description: dict[str, Any]) -> None:
-    """Start over when ``out`` holds tokens of another tokenizer."""
-    manifest = out / "manifest.json"
-    if manifest.is_file() and json.loads(manifest.read_text()).get("tokenizer") != description:
+def _prepare_out(out: str, description: dict[str, Any]) -> None:
+    """Start over when ``out`` (local or a URL) holds tokens of another tokenizer."""
+    manifest = shards.join(out, "manifest.json")
+    if shards.exists(manifest) and shards.read_json(manifest).get("tokenizer") != description:
         log.warning("%s holds tokens of another tokenizer: rewriting every shard", out)
-        for p in out.iterdir():
-            if p.suffix in (".tar", ".json", ".parquet"):
-                p.unlink()
-    out.mkdir(parents=True, exist_ok=True)
+        for p in shards.glob(out, "*"):
+            if Path(p).suffix in (".tar", ".json", ".parquet"):
+                shards.remove(p)
+    shards.makedirs(out)
 
 
 def _schedule_local(tokenizer: ShardTokenizer, jobs: list[tuple[str, str]], rate: int):
@@ -373,7 +380,7 @@ def run(cfg: TokenizeConfig, tokenizer: type, audio_dir: str | Path, models: dic
     from cantus.training import progress
 
     t0 = time.perf_counter()
-    field, out = tokenizer.field, Path(out)
+    field, out = tokenizer.field, str(out)  # a local folder or a URL (s3://...)
     paths = [p for split in ("train", "valid") for p in _shards_or_none(audio_dir, split)]
     if not paths:
         raise FileNotFoundError(f"{audio_dir}: no audio shards (train-*.tar / valid-*.tar)")
@@ -387,7 +394,7 @@ def run(cfg: TokenizeConfig, tokenizer: type, audio_dir: str | Path, models: dic
     shards.remove_unplanned(out, [Path(p).name for p in paths])
     summaries, jobs = {}, []
     for p in paths:
-        target = str(out / Path(p).name)
+        target = shards.join(out, Path(p).name)
         if (done := _done(target, p)) is not None:
             summaries[Path(p).name] = done
         else:
@@ -421,37 +428,36 @@ def _shards_or_none(folder, split) -> list[str]:
         return []
 
 
-def _write_tables(out: Path, field: str, description: dict[str, Any],
+def _write_tables(out: str, field: str, description: dict[str, Any],
                   summaries: list[dict[str, Any]], skipped: int) -> dict[str, Any]:
     rows = [(s["shard"], k, n) for s in summaries for k, n in zip(s["keys"], s["lengths"])]
     index = pa.table({"key": [r[1] for r in rows], "shard": [r[0] for r in rows],
                       "split": [r[0].split("-")[0] for r in rows],
                       "length": pa.array([r[2] for r in rows], pa.int32())})
     rejects = [r for s in summaries for r in s["rejects"]]
-    shards.write_parquet(out / "index.parquet", index)
-    shards.write_parquet(out / "rejects.parquet", pa.table(
+    shards.write_parquet(shards.join(out, "index.parquet"), index)
+    shards.write_parquet(shards.join(out, "rejects.parquet"), pa.table(
         {c: pa.array([r[c] for r in rejects], pa.string()) for c in ("key", "reason", "detail")}))
-    shards.atomic_write_json(out / "manifest.json", {"field": field, "tokenizer": description})
+    shards.atomic_write_json(shards.join(out, "manifest.json"),
+                             {"field": field, "tokenizer": description})
     summary = {"field": field, "shards": len(summaries), "shards_skipped": skipped,
                "chunks": len(rows), "rejects": len(rejects)}
     log.info("tokenize %s: %s", field, summary)
     return summary
 
 
-def _check_rejects(field: str, summary: dict[str, Any], out: Path, limit: float) -> None:
+def _check_rejects(field: str, summary: dict[str, Any], out: str, limit: float) -> None:
     """Raise TooManyRejects when more than ``limit`` of the chunks were rejected (or none
     came through), naming the count and the first error (``out/rejects.parquet``)."""
-    import pyarrow.parquet as pq
-
     rejects, total = summary["rejects"], summary["chunks"] + summary["rejects"]
     if summary["chunks"] > 0 and rejects <= limit * total:
         return
-    first = pq.read_table(out / "rejects.parquet").slice(0, 1).to_pylist()
+    first = shards.read_parquet(shards.join(out, "rejects.parquet")).slice(0, 1).to_pylist()
     what = (f"; first: {first[0]['key']} {first[0]['reason']}: {first[0]['detail']}" if first
             else "")
     raise TooManyRejects(f"tokenize {field}: {rejects} of {total} chunks rejected, more than "
                          f"tokenize.max_reject_fraction {limit:g} allows{what} "
-                         f"(all in {out / 'rejects.parquet'})")
+                         f"(all in {shards.join(out, 'rejects.parquet')})")
 
 
 def load_config(params: str) -> TokenizeConfig:
@@ -481,7 +487,7 @@ def field_main(tokenizer: type, argv: list[str] | None = None) -> int:
         cfg = load_config(args.params)
         models = {m: getattr(args, m) for m in tokenizer.models}
         for flag, folder in {"audio": args.audio, **models}.items():
-            if not Path(folder).is_dir():
+            if not shards.is_dir(folder):  # local, or a URL (s3://bucket/audio)
                 raise FileNotFoundError(f"--{flag.replace('_', '-')} {folder}: no such folder")
         if not _shards_or_none(args.audio, "train") + _shards_or_none(args.audio, "valid"):
             raise FileNotFoundError(f"--audio {args.audio}: no audio shards "
