@@ -33,13 +33,14 @@ same way before its sign is read.
 from __future__ import annotations
 
 import math
+import tempfile
 
 import numpy as np
 
 BATCH = 1024          # rows per block of the exact search
 EXACT_MAX = 16384     # chunks (after exact duplicates) up to which the search is exact
 MARGIN = 1e-4         # float32 similarity within this under the threshold is re-checked
-BITS = 24             # hash bits per LSH table
+BITS = 24             # hash bits per LSH table (a multiple of 8, at most 32)
 MISS = 1e-3           # chance that a pair at exactly the threshold shares no table
 WINDOW = 64           # each chunk meets the first and previous WINDOW chunks of its bucket
 EPS = 1e-4            # |float32 projection| under this: its sign is recomputed in float64
@@ -111,9 +112,11 @@ def _exact(fp: np.ndarray, rows: np.ndarray, threshold: float) -> dict[int, tupl
         q = np.ascontiguousarray(fp[ids], np.float32)
         prior = q @ kept[:nk].T  # (b, kept so far)
         within = q @ q.T
+        hit_row, hit_col = np.nonzero(prior > cut)
+        hits = np.split(kept_ids[hit_col], np.searchsorted(hit_row, np.arange(1, len(ids))))
         new: list[int] = []  # block positions kept so far
         for j, i in enumerate(ids):
-            cand = [kept_ids[c] for c in np.flatnonzero(prior[j] > cut)]
+            cand = hits[j].tolist()
             cand += [ids[jj] for jj in new if within[j, jj] > cut]
             best = None
             if cand:
@@ -140,7 +143,6 @@ def _keys(fp: np.ndarray, rows: np.ndarray, n_tables: int) -> np.ndarray:
     rng = np.random.default_rng(SEED)
     planes = (rng.integers(0, 2, (fp.shape[1], n_tables * BITS), dtype=np.int8) * 2 - 1
               ).astype(np.float32)
-    weights = (np.uint32(1) << np.arange(BITS, dtype=np.uint32))
     keys = np.empty((len(rows), n_tables), np.uint32)
     for a in range(0, len(rows), HASH_ROWS):
         x = np.ascontiguousarray(fp[rows[a:a + HASH_ROWS]], np.float32)
@@ -148,8 +150,10 @@ def _keys(fp: np.ndarray, rows: np.ndarray, n_tables: int) -> np.ndarray:
         r, c = np.nonzero(np.abs(proj) < EPS)  # signs the float32 rounding may decide
         if len(r):
             proj[r, c] = dot64(x[r], planes[:, c].T)
-        bits = (proj > 0).reshape(len(x), n_tables, BITS).astype(np.uint32)
-        keys[a:a + len(x)] = (bits * weights).sum(axis=2, dtype=np.uint32)
+        packed = np.packbits((proj > 0).reshape(len(x), n_tables, BITS), axis=2,
+                             bitorder="little").astype(np.uint32)  # (b, T, BITS / 8)
+        keys[a:a + len(x)] = sum(packed[:, :, k] << np.uint32(8 * k)
+                                 for k in range(packed.shape[2]))
     return keys
 
 
@@ -201,3 +205,38 @@ def _approximate(fp: np.ndarray, rows: np.ndarray, threshold: float
         if best is not None:
             found[int(hi[a])] = best
     return found
+
+
+class FingerprintSpool:
+    """Fingerprint rows appended to an unnamed local temporary file, read back memory-mapped,
+    so the driver never holds all of them.
+
+    ``add(float32[n, D])`` returns the rows' (start, stop); ``array()`` (after the last add)
+    is the read-only ``float32[rows, D]`` memmap. The file goes when the spool does.
+    """
+
+    def __init__(self, dim: int, folder: str | None = None):
+        self.dim, self.rows = dim, 0
+        self._file = tempfile.TemporaryFile(dir=folder)
+
+    def add(self, fp: np.ndarray) -> tuple[int, int]:
+        fp = np.ascontiguousarray(fp, np.float32).reshape(-1, self.dim) if np.size(fp) else \
+            np.zeros((0, self.dim), np.float32)
+        self._file.write(fp.tobytes())
+        self.rows += len(fp)
+        return self.rows - len(fp), self.rows
+
+    def array(self) -> np.ndarray:
+        self._file.flush()
+        if self.rows == 0:
+            return np.zeros((0, self.dim), np.float32)
+        return np.memmap(self._file, np.float32, "r", shape=(self.rows, self.dim))
+
+    def writable(self, rows: int) -> np.ndarray:
+        """A fresh ``float32[rows, D]`` memmap on this (empty) spool's file, to fill in place."""
+        if self.rows:
+            raise ValueError("writable(): the spool already holds rows")
+        self.rows = rows
+        if rows == 0:
+            return np.zeros((0, self.dim), np.float32)
+        return np.memmap(self._file, np.float32, "w+", shape=(rows, self.dim))

@@ -15,11 +15,10 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 
 from cantus import shards
-from cantus.ingest.dedup import find_duplicates
+from cantus.ingest.dedup import FingerprintSpool, find_duplicates
 from cantus.ingest.params import IngestConfig
 from cantus.ingest.sources import flat_tags, printable
 from cantus.ingest.staging import load_flac
@@ -83,7 +82,7 @@ class Plan:
         self.rejects.append(row)
 
     def _collect(self):
-        candidates, hashes, fps = [], [], []
+        candidates, hashes, sources = [], [], []  # sources: each result's fingerprints
         for i, rec in enumerate(self.records):
             res = self.results.get(i)
             if rec["error"] is not None:
@@ -92,12 +91,19 @@ class Plan:
                 reason, detail = res["reject"] if res else ("not_processed", "no result")
                 self._reject(rec, reason, detail, source_hash=(res or {}).get("source_hash"))
             else:
-                for j, ch in enumerate(res["chunks"]):
+                for ch in res["chunks"]:
                     candidates.append(Kept(rec, res, ch))
                     hashes.append(ch["pcm_hash"])
-                    fps.append(res["fingerprints"][j])
-        fp = np.stack(fps) if fps else np.zeros((0, 1), np.float32)
+                if res["chunks"]:
+                    sources.append(res["fingerprints"])
+        # Fingerprints in chunk order go to a memory-mapped temporary file, not a list.
+        spool = FingerprintSpool(sources[0].shape[1] if sources else 1)
+        fp, row = spool.writable(len(candidates)), 0
+        for src in sources:
+            fp[row:row + len(src)] = src
+            row += len(src)
         dups = find_duplicates(hashes, fp, self.cfg.near_dup_threshold)
+        del fp, spool
         for n, k in enumerate(candidates):
             if n in dups:
                 reason, orig, sim = dups[n]

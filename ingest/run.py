@@ -35,7 +35,9 @@ from cantus import shards
 from cantus.config import ConfigError, load_section
 from cantus.ingest import plan as planning
 from cantus.ingest import sources, staging as stagemod
+from cantus.ingest.dedup import FingerprintSpool
 from cantus.ingest.params import IngestConfig
+from cantus.ingest.process import FINGERPRINT_DIM
 from cantus.parallel import init_ray, map_unordered, worker_count
 
 log = logging.getLogger(__name__)
@@ -81,12 +83,18 @@ def run(cfg: IngestConfig, inputs: Inputs, out: str | Path, cache: str | Path,
     todo = [(i, r) for i, r in enumerate(records) if r["error"] is None]
     workers = worker_count(cfg.num_workers)
     staging = f"{cache}/ingest/{stagemod.processing_hash(cfg)}"
+    spool = FingerprintSpool(FINGERPRINT_DIM)  # fingerprints go to disk as they arrive
     for j, res in map_unordered(stagemod.process_task, [r for _, r in todo], args=(cfg, staging),
                                 executor=cfg.executor, max_in_flight=2 * workers,
                                 desc="decode+chunk", total=len(todo)):
+        res["fingerprints"] = spool.add(res["fingerprints"])
         prog.results[todo[j][0]] = res
         prog.cached_inputs += res["cached"]
         prog.processed_inputs += not res["cached"]
+    fingerprints = spool.array()
+    for res in prog.results.values():
+        a, b = res["fingerprints"]
+        res["fingerprints"] = fingerprints[a:b]
     clock.append(time.perf_counter())
     plan = planning.Plan(cfg, records, prog.results)
     clock.append(time.perf_counter())
