@@ -91,6 +91,7 @@ def weed_command(tmp: Path, config: Path) -> tuple[list[str], int]:
 def start(tmp: Path) -> tuple[subprocess.Popen, S3Server]:
     """Start the server in ``tmp``; returns (process, server) once the bucket exists.
     Fails naming the log when it does not answer within START_S seconds."""
+    tmp.mkdir(parents=True, exist_ok=True)
     key, secret = "CANTUS" + secrets.token_hex(7).upper(), secrets.token_hex(16)
     config = tmp / "s3.json"
     config.write_text(json.dumps({"identities": [{

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -278,27 +279,63 @@ def _kill_one_actor_soon():
     return t
 
 
-CLUSTER = """set -e
-ip link set lo up
-export RAY_AUTH_MODE=token
-unset RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER   # set by a local init_ray; it forbids joining nodes
-trap 'ray stop --force >/dev/null 2>&1 || true' EXIT
-ray start --head --node-ip-address=127.0.0.1 --port=6390 --num-cpus=1 \\
-    --resources='{"node_a": 1}' --include-dashboard=false --disable-usage-stats
-ray start --address=127.0.0.1:6390 --node-ip-address=127.0.0.1 --num-cpus=1 \\
-    --resources='{"node_b": 1}' --disable-usage-stats
-RAY_ADDRESS=127.0.0.1:6390 "$@"
+# Runs inside `unshare -n` (loopback is the only interface): an S3 server (SeaweedFS,
+# tests/s3_server.py) and a two-node Ray cluster, each node with its own model cache. The
+# audio shards and the codec folder are uploaded to S3; the stage reads them and writes its
+# tokens there; the tokens are then downloaded to OUT for the comparison.
+CLUSTER = """
+import os, subprocess, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+import s3_server
+
+tmp, audio, codec, out = (Path(a) for a in sys.argv[2:6])
+stage = sys.argv[6:]
+subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+server_proc, server = s3_server.start(tmp / "s3")
+env = {**os.environ, **server.env(), "RAY_AUTH_MODE": "token"}
+env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)  # set by a local init_ray; forbids joining
+fs, bucket = server.fs(), server.bucket
+try:
+    for src, dest in ((audio, "audio"), (codec, "models/codec")):
+        for p in sorted(src.rglob("*")):
+            if p.is_file():
+                fs.put_file(str(p), f"{bucket}/{dest}/{p.relative_to(src)}")
+    ray = ["ray", "start", "--node-ip-address=127.0.0.1",
+           "--num-cpus=1", "--disable-usage-stats"]
+    subprocess.run(ray + ["--head", "--port=6390", '--resources={"node_a": 1}',
+                          "--include-dashboard=false"], check=True,
+                   env={**env, "CANTUS_CACHE": str(tmp / "cache_a")})
+    subprocess.run(ray + ["--address=127.0.0.1:6390", '--resources={"node_b": 1}'], check=True,
+                   env={**env, "CANTUS_CACHE": str(tmp / "cache_b")})
+    proc = subprocess.run([*stage, "--audio", f"s3://{bucket}/audio",
+                           "--codec", f"s3://{bucket}/models/codec",
+                           "--out", f"s3://{bucket}/tokens"],
+                          env={**env, "RAY_ADDRESS": "127.0.0.1:6390",
+                               "CANTUS_CACHE": str(tmp / "cache_driver")})
+    if proc.returncode == 0:
+        for key in fs.find(f"{bucket}/tokens"):
+            dest = out / key[len(f"{bucket}/tokens/"):]
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(fs.cat_file(key))
+    sys.exit(proc.returncode)
+finally:
+    subprocess.run(["ray", "stop", "--force"], capture_output=True)
+    s3_server.stop(server_proc)
 """
 
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_a_two_node_cluster_tokenizes_on_both_nodes_like_a_local_run(corpus):
-    """A real multi-node Ray cluster: a head and a second node joined with `ray start`.
+def test_a_two_node_cluster_tokenizes_s3_shards_on_both_nodes_like_a_local_run(corpus):
+    """A real multi-node Ray cluster (a head and a second node joined with `ray start`)
+    whose input and output are in S3, with no folder shared between the nodes.
 
     It runs in a private network namespace (``unshare -n``), where loopback is the
-    only interface, so no Ray port is reachable from outside. Each node has one CPU
-    and an actor needs 0.9, so the two actors must land on different nodes.
+    only interface, so no Ray port (nor the S3 server there) is reachable from outside.
+    Each node has one CPU and an actor needs 0.9, so the two actors must land on
+    different nodes. Audio shards, the codec folder and the token shards are all
+    ``s3://`` URLs; each node fetches the codec into its own cache (``CANTUS_CACHE``).
     """
     import shutil
 
@@ -310,17 +347,25 @@ def test_a_two_node_cluster_tokenizes_on_both_nodes_like_a_local_run(corpus):
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["tokenize"].update(executor="ray", actors=0, cpus_per_actor=0.9, decode_cpus=0.1)
     (tmp / "cluster.yaml").write_text(yaml.safe_dump(params))
-    (tmp / "cluster.sh").write_text(CLUSTER)
+    (tmp / "cluster.py").write_text(CLUSTER)
     from cantus.tokenize import run as tokenize
 
     tokenize.run(_cfg(), FIELDS["acoustic"], audio, {"codec": models["codec"]}, tmp / "c_local")
+    work = tmp / "cluster"
+    work.mkdir()
     proc = subprocess.run(
-        ["unshare", "-n", "bash", str(tmp / "cluster.sh"), sys.executable, "-m",
-         ACOUSTIC_CMD, "--params", str(tmp / "cluster.yaml"),
-         "--audio", str(audio), "--codec", models["codec"], "--out", str(tmp / "c_ray")],
-        capture_output=True, text=True, timeout=600)
+        ["unshare", "-n", sys.executable, str(tmp / "cluster.py"), str(ROOT / "tests"),
+         str(work), str(audio), models["codec"], str(tmp / "c_ray"),
+         sys.executable, "-m", ACOUSTIC_CMD, "--params", str(tmp / "cluster.yaml")],
+        capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     line = next(x for x in proc.stdout.splitlines() if "shards per node" in x)
     nodes = json.loads(line.split("shards per node: ", 1)[1])
     assert len(nodes) == 2 and all(n >= 1 for n in nodes.values()), line
     assert read_dir_bytes(tmp / "c_ray") == read_dir_bytes(tmp / "c_local")
+    # each node fetched the codec from S3 into its own cache; the driver loaded no model
+    for node in ("cache_a", "cache_b"):
+        fetched = list((work / node / "models").iterdir())
+        assert [p.name.split("-")[0] for p in fetched] == ["codec"], (node, fetched)
+        assert read_dir_bytes(fetched[0]) == read_dir_bytes(Path(models["codec"]))
+    assert not (work / "cache_driver").exists()
