@@ -251,11 +251,22 @@ def run_id(head: str, module: str, paths: list[str]) -> str:
 
 def save_weights(model: torch.nn.Module, folder: str | Path, config: Any,
                  extra: dict[str, Any] | None = None) -> str:
-    """Write ``model.safetensors`` and ``config.json``; returns the weights' sha256."""
+    """Write ``model.safetensors`` and ``config.json`` into ``folder`` (local, or a URL such
+    as ``s3://bucket/models/lm_coarse``: the same bytes); returns the weights' sha256."""
     import hashlib
 
-    from safetensors.torch import save_file
+    from safetensors.torch import save, save_file
 
+    from cantus import shards
+
+    if shards.is_url(folder):  # each object appears whole; config.json last
+        tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        data = save(tensors)
+        cfg = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
+        shards.atomic_write_bytes(shards.join(folder, "model.safetensors"), data)
+        shards.atomic_write_bytes(shards.join(folder, "config.json"), (json.dumps(
+            {**cfg, **(extra or {})}, indent=2, sort_keys=True) + "\n").encode())
+        return hashlib.sha256(data).hexdigest()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}

@@ -238,3 +238,25 @@ def test_a_dvc_remote_on_s3_pushes_and_a_fresh_clone_pulls_the_same_files(s3_env
     _dvc("pull", cwd=clone)
     assert read_dir_bytes(clone / "data") == read_dir_bytes(repo / "data")
     assert "up to date" in _dvc("status", cwd=clone)
+
+
+def test_the_lm_trainer_streams_s3_token_shards_to_the_model_it_trains_from_disk(
+        s3_env, tmp_path, one_thread):
+    from test_lm_train import tiny_cfg
+
+    from cantus.train.run import Inputs, run
+    from cantus.train.synthetic import write_synthetic_tokens
+
+    folder = write_synthetic_tokens(tmp_path / "tokens", chunks=8, seconds=2.0, valid=2,
+                                    shards_train=2)
+    url = s3_env.url("train", "tokens")
+    put_folder(s3_env, folder, url)
+    cfg = tiny_cfg("coarse")
+    local = run(cfg, "coarse", Inputs(str(folder), str(tmp_path / "ck_a")), tmp_path / "a")
+    remote = run(cfg, "coarse", Inputs(url, str(tmp_path / "ck_b")), tmp_path / "b")
+    assert remote["losses"] == local["losses"] and remote["steps"] == local["steps"] == 7
+    assert read_dir_bytes(tmp_path / "b") == read_dir_bytes(tmp_path / "a")
+    # and writes its trained stage to S3 (the same bytes), which generation fetches
+    again = run(cfg, "coarse", Inputs(url, str(tmp_path / "ck_b")), s3_env.url("train", "lm"))
+    assert again["steps"] == 7 and again["losses"] == []  # resumed from the last checkpoint
+    assert s3_bytes(s3_env, s3_env.url("train", "lm")) == read_dir_bytes(tmp_path / "a")
