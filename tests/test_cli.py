@@ -65,7 +65,7 @@ CASES: dict[str, tuple[str, tuple[str, ...] | None]] = {
 
 def _env() -> dict[str, str]:
     """This interpreter's environment, one torch thread (the CPU is shared)."""
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def cantus(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:

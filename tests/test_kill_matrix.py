@@ -118,8 +118,7 @@ sys.exit(main(sys.argv[1:]))
 
 
 def _env(**extra: str) -> dict[str, str]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-           "PYTHONWARNINGS": "ignore", **extra}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **extra}
     env.pop("RAY_ADDRESS", None)
     return env
 
