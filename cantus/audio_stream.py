@@ -208,6 +208,23 @@ class AudioBatches:
             self.next_worker = 0
 
 
+def iter_all(paths: list[str]) -> Iterator[tuple[np.ndarray, dict]]:
+    """Every (audio, metadata) of the shards in order, decoded one at a time: a stage that
+    streams a split holds one chunk of audio, not the split."""
+    for path in paths:
+        for _, fields in shards.iter_samples(path):
+            yield decode_sample(fields)
+
+
+def iter_meta(paths: list[str]) -> Iterator[dict]:
+    """Every sample's metadata in order, from its JSON member alone (no audio is read)."""
+    import json
+
+    for path in paths:
+        for _, fields in shards.iter_samples(path, fields=("json",)):
+            yield json.loads(fields["json"])
+
+
 def load_all(paths: list[str], limit: int | None = None) -> list[tuple[np.ndarray, dict]]:
     """Every (audio, metadata) of the shards in order: for small fixed evaluation sets."""
     out = []

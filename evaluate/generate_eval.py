@@ -26,7 +26,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from cantus.audio_stream import load_all, shard_paths
+from cantus.audio_stream import iter_meta, shard_paths
 from cantus.config import load_section
 from cantus.shards import atomic_write_json
 from cantus.generate.run import GenerateConfig, Generator, model_paths, write_wavs
@@ -46,8 +46,8 @@ def instruments_of(meta: dict[str, Any]) -> list[str]:
 
 def build_prompts(audio_dir: str | Path, cfg: EvaluateConfig) -> list[dict[str, Any]]:
     """Caption prompts of the valid split, then one prompt per common instrument."""
-    valid = [m for _, m in load_all(shard_paths(audio_dir, "valid"))]
-    train = [m for _, m in load_all(shard_paths(audio_dir, "train"))]
+    valid = list(iter_meta(shard_paths(audio_dir, "valid")))  # JSON members only: no audio
+    train = list(iter_meta(shard_paths(audio_dir, "train")))
     prompts = [{"kind": "caption", "prompt": m["caption"], "key": m["key"],
                 "instruments": instruments_of(m)}
                for m in valid[:cfg.max_captions] if str(m.get("caption", "")).strip()]

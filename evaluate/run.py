@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,7 @@ import soundfile as sf
 import torch
 
 from cantus.audio import resample
-from cantus.audio_stream import load_all, shard_paths
+from cantus.audio_stream import iter_all, shard_paths
 from cantus.config import load_section
 from cantus.shards import atomic_write_json
 
@@ -72,12 +73,59 @@ def _row(metric, series, role, value, n=None, note="") -> dict[str, Any]:
             "value": None if value is None else round(float(value), 5), "n": n, "note": note}
 
 
-def score(gen: list[np.ndarray], prompts: list[dict], real: dict[str, tuple[np.ndarray, dict]],
-          train_real: list[np.ndarray], mulan, cfg: EvaluateConfig, tag_prompts: dict[str, str],
-          rate: int, resynth: dict[str, np.ndarray] | None = None
+@dataclass
+class References:
+    """What the scores need of the real audio, gathered in one pass over each split.
+
+    ``real``: key -> (clip, metadata) of the valid chunks the caption prompts name (at
+    most ``max_captions`` clips); ``metas``: every valid chunk's metadata;
+    ``instrument_chunks``: (MuLan embedding, metadata) of the valid chunks that have an
+    instrument some prompt asks for; ``train_fad``: float32[N, D] FAD embeddings of every
+    train chunk (None when FAD is not scored) and ``fad_embedder`` that made them.
+    """
+
+    real: dict[str, tuple[np.ndarray, dict]]
+    metas: list[dict]
+    instrument_chunks: list[tuple[np.ndarray, dict]]
+    train_fad: np.ndarray | None
+    fad_embedder: Any
+
+
+def references(audio_dir: str | Path, prompts: list[dict], mulan, cfg: EvaluateConfig,
+               rate: int, n: int) -> References:
+    """``References`` from the audio shards, decoding one chunk at a time: no split's audio
+    is held, only the caption chunks' clips and embeddings."""
+    captions = {p["key"] for p in prompts if p["kind"] == "caption"}
+    wanted = {p["instruments"][0] for p in prompts if p["kind"] == "instrument"}
+    mulan_emb = load_embedder("mulan", mulan)
+
+    def clip(x: np.ndarray, m: dict) -> np.ndarray:  # real audio at the generations' rate
+        return _crop(resample(x, int(m.get("sample_rate") or rate), rate), n)
+
+    real, metas, chunks = {}, [], []
+    for x, m in iter_all(shard_paths(audio_dir, "valid")):
+        metas.append(m)
+        if m["key"] in captions or set(instruments_of(m)) & wanted:
+            c = clip(x, m)
+            if m["key"] in captions:
+                real[m["key"]] = (c, m)
+            if set(instruments_of(m)) & wanted:
+                chunks.append((embed_all(mulan_emb, [c], rate)[0], m))
+    fad_emb, train_fad = None, None
+    if len(captions & set(real)) >= 2:  # FAD is scored (see ``score``)
+        fad_emb = load_embedder(cfg.fad_embedding, mulan)
+        train_fad = np.stack([embed_all(fad_emb, [clip(x, m)], rate)[0]
+                              for x, m in iter_all(shard_paths(audio_dir, "train"))])
+    return References(real, metas, chunks, train_fad, fad_emb)
+
+
+def score(gen: list[np.ndarray], prompts: list[dict], refs: References, mulan,
+          cfg: EvaluateConfig, tag_prompts: dict[str, str], rate: int,
+          resynth: dict[str, np.ndarray] | None = None
           ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """All generation metrics: (metrics dict, table rows). ``resynth``: real valid chunks
     through the codec (key -> audio), the best a generation can sound through it."""
+    real = refs.real
     mulan_emb = load_embedder("mulan", mulan)
     emb = embed_all(mulan_emb, gen, rate)  # (N, D)
     with torch.no_grad():
@@ -104,24 +152,22 @@ def score(gen: list[np.ndarray], prompts: list[dict], real: dict[str, tuple[np.n
                          out["mcc"]["codec_resynthesis_own_caption"], len(caps)))
     # FAD: generated (every prompt) against the real valid chunks
     if len(real_clips) >= 2:
-        fad_emb = load_embedder(cfg.fad_embedding, mulan)
+        fad_emb = refs.fad_embedder
         real_f = embed_all(fad_emb, real_clips, rate)
         out["fad"] = {"embedding": fad_emb.name,
                       "generated": M.frechet_distance(embed_all(fad_emb, gen, rate), real_f),
-                      "real_train": M.frechet_distance(embed_all(fad_emb, train_real, rate),
-                                                       real_f)}
+                      "real_train": M.frechet_distance(refs.train_fad, real_f)}
         rows += [_row("FAD", f"generated vs real valid ({fad_emb.name})", "cantus",
                       out["fad"]["generated"], len(gen)),
                  _row("FAD", "real train vs real valid", "reference",
-                      out["fad"]["real_train"], len(train_real))]
+                      out["fad"]["real_train"], len(refs.train_fad))]
     if len(caps) >= 2:
-        out["kld"], more = _kld(mulan, real_emb, emb[caps], [m for _, m in real.values()],
-                                tag_prompts)
+        out["kld"], more = _kld(mulan, real_emb, emb[caps], refs.metas, tag_prompts)
         rows += more
     inst = [i for i, p in enumerate(prompts) if p["kind"] == "instrument"]
     if inst:
-        out["adherence"], more = _adherence(mulan, emb[inst], [prompts[i] for i in inst], real,
-                                            tag_prompts["instruments"], rate)
+        out["adherence"], more = _adherence(mulan, emb[inst], [prompts[i] for i in inst], refs,
+                                            tag_prompts["instruments"])
         rows += more
     return out, rows
 
@@ -147,14 +193,14 @@ def _kld(mulan, real_emb: np.ndarray, gen_emb: np.ndarray, metas: list[dict],
     return out, rows
 
 
-def _adherence(mulan, gen_emb: np.ndarray, prompts: list[dict], real: dict, template: str,
-               rate: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def _adherence(mulan, gen_emb: np.ndarray, prompts: list[dict], refs: References,
+               template: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Instrument prompts: how often the zero-shot classifier names the asked instrument."""
-    classes = _classes([m for _, m in real.values()], "instruments")
+    classes = _classes(refs.metas, "instruments")
     named = [classes.index(p["instruments"][0]) for p in prompts]
     a = M.adherence(tag_probs(mulan, gen_emb, classes, template), named)
-    real_hits = _real_instrument_accuracy(mulan, real, classes, template,
-                                          {p["instruments"][0] for p in prompts}, rate)
+    real_hits = _real_instrument_accuracy(mulan, refs.instrument_chunks, classes, template,
+                                          {p["instruments"][0] for p in prompts})
     rows = [_row("instrument adherence", "generated", "cantus", a["accuracy"], a["n"]),
             _row("instrument adherence", "chance (1 / classes)", "baseline", a["chance"],
                  a["n"], f"{len(classes)} classes"),
@@ -164,11 +210,14 @@ def _adherence(mulan, gen_emb: np.ndarray, prompts: list[dict], real: dict, temp
     return {**a, "real_audio_accuracy": real_hits}, rows
 
 
-def _real_instrument_accuracy(mulan, real, classes, template, wanted, rate) -> float | None:
-    chosen = [(x, m) for x, m in real.values() if set(instruments_of(m)) & wanted]
+def _real_instrument_accuracy(mulan, chunks: list[tuple[np.ndarray, dict]], classes, template,
+                              wanted) -> float | None:
+    """Zero-shot accuracy on the valid chunks (MuLan embedding, metadata) that have one of
+    the ``wanted`` instruments; None when none has."""
+    chosen = [(e, m) for e, m in chunks if set(instruments_of(m)) & wanted]
     if not chosen:
         return None
-    emb = embed_all(load_embedder("mulan", mulan), [x for x, _ in chosen], rate)
+    emb = np.stack([e for e, _ in chosen])
     pred = tag_probs(mulan, emb, classes, template).argmax(1)
     return float(np.mean([classes[p] in instruments_of(m)
                           for p, (_, m) in zip(pred, chosen)]))
@@ -259,23 +308,16 @@ def run(cfg: EvaluateConfig, tag_prompts: dict[str, str], generated: str | Path,
     rate = info["sample_rate"]
     n = int(round(cfg.seconds * rate))
 
-    def clip(x: np.ndarray, m: dict) -> np.ndarray:  # real audio at the generations' rate
-        return _crop(resample(x, int(m.get("sample_rate") or rate), rate), n)
-
-    real = {m["key"]: (clip(x, m), m) for x, m in load_all(shard_paths(audio_dir, "valid"))}
-    train = load_all(shard_paths(audio_dir, "train"))
-    real_all = dict(real)
-    real_all.update({m["key"]: (clip(x, m), m) for x, m in train})
     mulan = load_mulan(Path(models) / "mulan")
     prompts = info["prompts"]
+    refs = references(audio_dir, prompts, mulan, cfg, rate, n)
+    real = refs.real
     for p in prompts:
         if p["kind"] == "caption" and p["key"] not in real:
             raise ValueError(f"{generated}/prompts.json names chunk {p['key']}, which is not in "
                              f"the valid split of {audio_dir}")
-    train_clips = [real_all[m["key"]][0] for _, m in train]
     resynth = codec_resynthesis(Path(models) / "codec", {k: v[0] for k, v in real.items()}, rate)
-    scores, rows = score(gen, prompts, real_all, train_clips, mulan, cfg, tag_prompts, rate,
-                         resynth)
+    scores, rows = score(gen, prompts, refs, mulan, cfg, tag_prompts, rate, resynth)
     stages, stage_rows = gather(metrics_dir)
     # The generation speed stays in metrics/generate.json: a dep holding a time would
     # re-run this stage after every regeneration, even one that made the same audio.
@@ -288,7 +330,7 @@ def run(cfg: EvaluateConfig, tag_prompts: dict[str, str], generated: str | Path,
                        if r["value"] is not None])
     examples = []
     for i, p in enumerate(prompts[:cfg.examples] if cfg.examples else []):
-        ref = real_all.get(p["key"]) if p["key"] else None
+        ref = real.get(p["key"]) if p["key"] else None
         examples.append({"prompt": p["prompt"], "gen": gen[i], "rate": rate,
                          "real": None if ref is None else ref[0],
                          "codec": resynth.get(p["key"]) if p["key"] else None,

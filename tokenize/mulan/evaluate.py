@@ -106,17 +106,17 @@ def rvq_quality(tok: MulanTokenizer, audio: np.ndarray, text: np.ndarray) -> dic
 
 def embed_split(tok: MulanTokenizer, audio_dir: str | Path, split: str
                 ) -> tuple[np.ndarray, np.ndarray, list[dict]]:
-    """(audio float32[N, D], caption float32[N, D], metadata) of one split."""
-    from cantus.audio_stream import load_all, shard_paths
+    """(audio float32[N, D], caption float32[N, D], metadata) of one split, decoding one
+    chunk at a time (only embeddings and metadata are kept)."""
+    from cantus.audio_stream import iter_all, shard_paths
     from cantus.training import progress
 
-    items = load_all(shard_paths(audio_dir, split))
-    audio = []
-    with progress(len(items), desc=f"mulan eval {split}") as bar:
-        for x, _ in items:
+    audio, metas = [], []
+    with progress(None, desc=f"mulan eval {split}") as bar:
+        for x, meta in iter_all(shard_paths(audio_dir, split)):
             audio.append(tok.audio_embedding(x).cpu().numpy())
+            metas.append(meta)
             bar.update(1)
-    metas = [m for _, m in items]
     with torch.no_grad():
         text = tok.model.embed_text([m["caption"] for m in metas]).cpu().numpy()
     return np.stack(audio), text, metas

@@ -126,6 +126,7 @@ class MulanRVQConfig:
     seed: int
     fit_stride_seconds: float  # window embeddings used for the fit are this far apart
     min_points_per_code: int   # a level uses at most N / this codes (small corpora); 1: off
+    max_embeddings: int = 262144  # the fit's seeded sample of train embeddings holds at most this
 
     def __post_init__(self):
         k = "mulan.rvq."
@@ -134,6 +135,7 @@ class MulanRVQConfig:
                  "must be in [2, 65536] (uint16 tokens)")
         _require(self.fit_stride_seconds > 0, k + "fit_stride_seconds", "must be positive")
         _require(self.min_points_per_code >= 1, k + "min_points_per_code", "must be at least 1")
+        _require(self.max_embeddings >= 1, k + "max_embeddings", "must be at least 1")
 
 
 @dataclass(frozen=True)

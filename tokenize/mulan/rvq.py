@@ -9,6 +9,9 @@ size). The codebooks
 are fitted once, by k-means at each level on the residuals of the previous
 levels, on audio embeddings of the train split (every window at
 ``fit_stride_seconds`` and every chunk's averaged embedding), then frozen.
+The split is streamed one chunk at a time; the fit sees a seeded reservoir
+sample of at most ``max_embeddings`` of those embeddings (all of them when
+fewer, in order).
 
 ``MulanTokenizer`` joins the two: ``mulan_tokens(audio, tok)`` and
 ``mulan_tokens("a fast reel", tok)`` both give ``uint16[12]``; training
@@ -205,6 +208,14 @@ def mulan_tokens(x: str | np.ndarray | torch.Tensor, tokenizer: MulanTokenizer) 
     return tokenizer(x)
 
 
+def chunk_embeddings(model, x: np.ndarray, stride: int) -> np.ndarray:
+    """float32[W + 1, D] for one chunk: its window embeddings ``stride`` samples apart,
+    then their normalised mean."""
+    w = model.embed_windows(torch.from_numpy(np.asarray(x, np.float32)), stride)
+    return torch.cat([w, torch.nn.functional.normalize(w.mean(0, keepdim=True), dim=-1)]
+                     ).cpu().numpy()
+
+
 def fit_embeddings(model, audio: list[np.ndarray], stride_seconds: float) -> np.ndarray:
     """float32[M, D]: every window embedding at ``stride_seconds`` and every chunk mean."""
     from cantus.training import progress
@@ -213,29 +224,81 @@ def fit_embeddings(model, audio: list[np.ndarray], stride_seconds: float) -> np.
     rows = []
     with progress(len(audio), desc="mulan embeddings") as bar:
         for x in audio:
-            w = model.embed_windows(torch.from_numpy(np.asarray(x, np.float32)), stride)
-            rows += [w, torch.nn.functional.normalize(w.mean(0, keepdim=True), dim=-1)]
+            rows.append(chunk_embeddings(model, x, stride))
             bar.update(1)
-    return torch.cat(rows).cpu().numpy()
+    return np.concatenate(rows)
+
+
+class Reservoir:
+    """A uniform sample of at most ``cap`` rows from a stream (algorithm R, seeded): the
+    rows in arrival order while fewer than ``cap`` have come."""
+
+    def __init__(self, cap: int, seed: int):
+        self.cap, self.seen, self.rng, self.rows = cap, 0, np.random.default_rng(seed), None
+
+    def add(self, x: np.ndarray) -> None:
+        x = np.asarray(x, np.float32)
+        if self.rows is None:
+            self.rows = np.empty((min(self.cap, max(1024, len(x))), x.shape[1]), np.float32)
+        take = min(len(x), max(0, self.cap - self.seen))
+        if self.seen + take > len(self.rows):  # grow by doubling up to cap: a small split
+            grown = np.empty((min(self.cap, max(2 * len(self.rows), self.seen + take)),
+                              x.shape[1]), np.float32)  # allocates little
+            grown[:self.seen] = self.rows[:self.seen]
+            self.rows = grown
+        self.rows[self.seen:self.seen + take] = x[:take]
+        rest = x[take:]
+        if len(rest):
+            n = self.seen + take + np.arange(len(rest))  # global index of each row
+            j = (self.rng.random(len(rest)) * (n + 1)).astype(np.int64)
+            keep = j < self.cap
+            self.rows[j[keep]] = rest[keep]
+        self.seen += len(x)
+
+    def sample(self) -> np.ndarray:
+        if self.rows is None:
+            raise ValueError("no embeddings were added")
+        return self.rows[:min(self.seen, self.cap)]
+
+
+def stream_embeddings(model, audio_dir: str | Path, split: str, stride_seconds: float,
+                      cap: int, seed: int) -> tuple[np.ndarray, int, int]:
+    """(float32[<= cap, D] sample, embeddings seen, chunks) of one split's fit embeddings
+    (``chunk_embeddings``), decoding one chunk at a time."""
+    from cantus.audio_stream import iter_all, shard_paths
+    from cantus.training import progress
+
+    stride = int(round(stride_seconds * model.cfg.sample_rate))
+    res, chunks = Reservoir(cap, seed), 0
+    with progress(None, desc="mulan embeddings") as bar:
+        for x, _ in iter_all(shard_paths(audio_dir, split)):
+            res.add(chunk_embeddings(model, x, stride))
+            chunks += 1
+            bar.update(1)
+    if chunks == 0:
+        raise ValueError(f"{audio_dir}: the {split} split has no chunks to fit the RVQ on")
+    return res.sample(), res.seen, chunks
 
 
 def run(cfg: MulanRVQConfig, model_dir: str | Path, audio_dir: str | Path,
         out: str | Path) -> dict[str, Any]:
-    """Fit and save the RVQ; returns its summary (also written to ``rvq.json``)."""
-    from cantus.audio_stream import load_all, shard_paths
+    """Fit and save the RVQ on a seeded sample of at most ``cfg.max_embeddings`` train
+    embeddings (all of them when fewer); returns its summary (also in ``rvq.json``)."""
     from cantus.tokenize.mulan.model import load_mulan
 
     model = load_mulan(model_dir)
-    audio = [x for x, _ in load_all(shard_paths(audio_dir, "train"))]
-    x = fit_embeddings(model, audio, cfg.fit_stride_seconds)
+    x, seen, chunks = stream_embeddings(model, audio_dir, "train", cfg.fit_stride_seconds,
+                                        cfg.max_embeddings, cfg.seed)
     rvq = ResidualKMeans.fit(x, cfg.levels, cfg.codebook_size, cfg.kmeans_iters, cfg.seed,
                              cfg.min_points_per_code)
     quant = rvq.decode(rvq.encode(x))
     cos = float((quant * x).sum(1).mean() / np.linalg.norm(quant, axis=1).clip(1e-9).mean())
     weights = hashlib.sha256((Path(model_dir) / "model.safetensors").read_bytes()).hexdigest()
-    extra = {"mulan_sha256": weights, "fit_points": int(x.shape[0]), "fit_chunks": len(audio),
+    extra = {"mulan_sha256": weights, "fit_points": int(x.shape[0]), "fit_chunks": chunks,
              "fit_stride_seconds": cfg.fit_stride_seconds, "kmeans_iters": cfg.kmeans_iters,
              "seed": cfg.seed, "train_cosine": round(cos, 6)}
+    if seen > x.shape[0]:  # sampled: say from how many
+        extra["fit_embeddings_seen"] = seen
     digest = rvq.save(out, extra)
     return {"sha256": digest, "fitted_per_level": rvq.fitted.tolist(), **extra}
 
