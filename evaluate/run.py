@@ -78,10 +78,11 @@ class References:
     """What the scores need of the real audio, gathered in one pass over each split.
 
     ``real``: key -> (clip, metadata) of the valid chunks the caption prompts name (at
-    most ``max_captions`` clips); ``metas``: every valid chunk's metadata;
-    ``instrument_chunks``: (MuLan embedding, metadata) of the valid chunks that have an
-    instrument some prompt asks for; ``train_fad``: float32[N, D] FAD embeddings of every
-    train chunk (None when FAD is not scored) and ``fad_embedder`` that made them.
+    most ``max_captions`` clips); ``metas``: every chunk's metadata, valid then train;
+    ``instrument_chunks``: (MuLan embedding, metadata) of the chunks (valid then train)
+    that have an instrument some prompt asks for; ``train_fad``: float32[N, D] FAD
+    embeddings of every train chunk (None when FAD is not scored) and ``fad_embedder``,
+    the embedder that made them.
     """
 
     real: dict[str, tuple[np.ndarray, dict]]
@@ -98,25 +99,27 @@ def references(audio_dir: str | Path, prompts: list[dict], mulan, cfg: EvaluateC
     captions = {p["key"] for p in prompts if p["kind"] == "caption"}
     wanted = {p["instruments"][0] for p in prompts if p["kind"] == "instrument"}
     mulan_emb = load_embedder("mulan", mulan)
+    fad_emb = load_embedder(cfg.fad_embedding, mulan) if len(captions) >= 2 else None
 
     def clip(x: np.ndarray, m: dict) -> np.ndarray:  # real audio at the generations' rate
         return _crop(resample(x, int(m.get("sample_rate") or rate), rate), n)
 
-    real, metas, chunks = {}, [], []
-    for x, m in iter_all(shard_paths(audio_dir, "valid")):
-        metas.append(m)
-        if m["key"] in captions or set(instruments_of(m)) & wanted:
+    real, metas, chunks, train_fad = {}, [], [], []
+    for split in ("valid", "train"):
+        for x, m in iter_all(shard_paths(audio_dir, split)):
+            metas.append(m)
+            fad = split == "train" and fad_emb is not None
+            if not (fad or m["key"] in captions or set(instruments_of(m)) & wanted):
+                continue
             c = clip(x, m)
-            if m["key"] in captions:
+            if split == "valid" and m["key"] in captions:
                 real[m["key"]] = (c, m)
             if set(instruments_of(m)) & wanted:
                 chunks.append((embed_all(mulan_emb, [c], rate)[0], m))
-    fad_emb, train_fad = None, None
-    if len(captions & set(real)) >= 2:  # FAD is scored (see ``score``)
-        fad_emb = load_embedder(cfg.fad_embedding, mulan)
-        train_fad = np.stack([embed_all(fad_emb, [clip(x, m)], rate)[0]
-                              for x, m in iter_all(shard_paths(audio_dir, "train"))])
-    return References(real, metas, chunks, train_fad, fad_emb)
+            if fad:
+                train_fad.append(embed_all(fad_emb, [c], rate)[0])
+    return References(real, metas, chunks, np.stack(train_fad) if train_fad else None,
+                      fad_emb)
 
 
 def score(gen: list[np.ndarray], prompts: list[dict], refs: References, mulan,

@@ -114,5 +114,5 @@ def test_evaluate_references_and_prompts_stream(splits, model):
     _flat(*[_peak(lambda: evaluate.references(d, prompts, model, cfg, RATE, n))
             for d in splits])
     refs = evaluate.references(splits[1], prompts, model, cfg, RATE, n)
-    assert sorted(refs.real) == ["valid000", "valid001"] and len(refs.metas) == 24
-    assert len(refs.instrument_chunks) == 24 and refs.train_fad.shape[0] == 24
+    assert sorted(refs.real) == ["valid000", "valid001"] and len(refs.metas) == 48
+    assert len(refs.instrument_chunks) == 48 and refs.train_fad.shape[0] == 24
