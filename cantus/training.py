@@ -307,8 +307,12 @@ class Metrics:
 
         self.live = Live(str(folder), resume=resume, report=report, save_dvc_exp=False,
                          dvcyaml=None)
+        self._curves = Path(folder) / "plots" / "metrics" if resume else None
 
     def log(self, step: int, **metrics: float) -> None:
+        if self._curves is not None:  # the first step logged since the resume
+            drop_rows_from(self._curves, step)
+            self._curves = None
         self.live.step = step
         for k, v in metrics.items():
             self.live.log_metric(k, float(v))
@@ -323,6 +327,20 @@ class Metrics:
 
     def close(self) -> None:
         self.live.end()
+
+
+def drop_rows_from(folder: Path, step: int) -> None:
+    """Remove the rows of step ``step`` and later from every dvclive curve (``*.tsv``) in
+    ``folder``: a killed run logged them after its last checkpoint, and the run resumed
+    from that checkpoint logs them again (else the curves would hold those steps twice)."""
+    for tsv in sorted(folder.rglob("*.tsv")) if folder.is_dir() else []:
+        head, *rows = tsv.read_text().splitlines(keepends=True)
+        col = head.rstrip("\n").split("\t").index("step")
+        keep = [r for r in rows if int(r.rstrip("\n").split("\t")[col]) < step]
+        if len(keep) < len(rows):
+            tmp = tsv.with_name(f".{tsv.name}.tmp-{os.getpid()}")
+            tmp.write_text(head + "".join(keep))
+            os.replace(tmp, tsv)
 
 
 def progress(total: int, initial: int = 0, desc: str = ""):

@@ -41,17 +41,19 @@ pytestmark = pytest.mark.slow
 
 KILLS_PER_STAGE = 3
 # What the matrix adds to configs/tiny.yaml: more shards (more kill points between them),
-# a checkpoint at every step, one generation per batch.
-OVERRIDES = """
-ingest: {shard_max_samples: 2}
-codec: {train: {checkpoint_every: 1}}
-semantic: {pretrain: {checkpoint_every: 1}}
-mulan: {train: {checkpoint_every: 1}}
+# the trainers' curves at every step and a checkpoint every CHECKPOINT_EVERY steps (a kill
+# after step k's curves loses the steps since the newest checkpoint), one generation a batch.
+CHECKPOINT_EVERY = 2
+OVERRIDES = f"""
+ingest: {{shard_max_samples: 2}}
+codec: {{train: {{checkpoint_every: {CHECKPOINT_EVERY}, log_every: 1}}}}
+semantic: {{pretrain: {{checkpoint_every: {CHECKPOINT_EVERY}, log_every: 1}}}}
+mulan: {{train: {{checkpoint_every: {CHECKPOINT_EVERY}, log_every: 1}}}}
 lm:
-  semantic: {train: {checkpoint_every: 1}}
-  coarse: {train: {checkpoint_every: 1}}
-  fine: {train: {checkpoint_every: 1}}
-generate: {batch_size: 1}
+  semantic: {{train: {{checkpoint_every: {CHECKPOINT_EVERY}, log_every: 1}}}}
+  coarse: {{train: {{checkpoint_every: {CHECKPOINT_EVERY}, log_every: 1}}}}
+  fine: {{train: {{checkpoint_every: {CHECKPOINT_EVERY}, log_every: 1}}}}
+generate: {{batch_size: 1}}
 """
 CAPTIONS = [{"caption": "a slow piece on harp", "tags": {"instruments": ["harp"]}},
             {"caption": "a fast reel on banjo", "tags": {"instruments": ["banjo"]}},
@@ -64,10 +66,10 @@ TARGETS = {
     "tokenize semantic": "cantus.tokenize.run:ShardTokenizer.run",
     "tokenize mulan": "cantus.tokenize.run:ShardTokenizer.run",
     "pack": "cantus.tokenize.pack:pack_shard",
-    "codec train": "cantus.training:Checkpoints.save",
-    "semantic pretrain": "cantus.training:Checkpoints.save",
-    "mulan train": "cantus.training:Checkpoints.save",
-    "train coarse": "cantus.training:Checkpoints.save",
+    "codec train": "cantus.training:Metrics.log",    # step k's curves, before its checkpoint
+    "semantic pretrain": "cantus.training:Metrics.log",
+    "mulan train": "cantus.training:Metrics.log",
+    "train coarse": "cantus.training:Metrics.log",
     "generate-eval": "cantus.generate.run:Generator._chain",
 }
 TRAINERS = {"codec train": "codec", "semantic pretrain": "semantic", "mulan train": "mulan",
@@ -203,7 +205,7 @@ def chain(tmp_path_factory) -> Path:
 
 
 def items(name: str, c: Path) -> int:
-    """How many items (inputs, shards, checkpoints, generations) stage ``name`` has."""
+    """How many items (inputs, shards, steps, generations) stage ``name`` has."""
     import yaml
 
     params = yaml.safe_load((c / "params.yaml").read_text())
@@ -217,14 +219,18 @@ def items(name: str, c: Path) -> int:
                "mulan train": ("mulan", "train"), "train coarse": ("lm", "coarse", "train")}
     for key in section[name]:
         params = params[key]
-    return params["steps"] // params["checkpoint_every"]
+    assert params["log_every"] == 1 and params["checkpoint_every"] == CHECKPOINT_EVERY
+    return params["steps"]
 
 
 def kill_points(name: str, n: int) -> list[int]:
-    """KILLS_PER_STAGE distinct k in [1, n) (after the k-th of n items), seeded by the stage."""
-    assert n > KILLS_PER_STAGE, f"{name}: {n} items leave too few kill points"
+    """KILLS_PER_STAGE distinct k in [first, n) (after the k-th of n items), seeded by the
+    stage; a trainer's first kill point comes after its first checkpoint."""
+    first = CHECKPOINT_EVERY + 1 if name in TRAINERS else 1
+    assert n - first >= KILLS_PER_STAGE, f"{name}: {n} items leave too few kill points"
     rng = np.random.default_rng([18, *name.encode()])
-    return sorted(int(k) for k in rng.choice(np.arange(1, n), KILLS_PER_STAGE, replace=False))
+    return sorted(int(k) for k in rng.choice(np.arange(first, n), KILLS_PER_STAGE,
+                                             replace=False))
 
 
 def kill_after(args: list[str], target: str, k: int, r: Path) -> None:
@@ -273,9 +279,10 @@ def check_resumed(name: str, r: Path, rerun: subprocess.CompletedProcess, k: int
         return f"{done} shards skipped"
     if name in TRAINERS:
         loaded = [int(s) for s in (r / "resumed").read_text().split()]
-        left = int(r.joinpath("finished").read_text())
-        assert loaded[0] == left >= k, (loaded, left, k)  # the newest the kill left
-        return f"resumed from step {left}"
+        left = int(r.joinpath("finished").read_text())  # the newest checkpoint the kill left
+        assert loaded[0] == left == CHECKPOINT_EVERY * ((k - 1) // CHECKPOINT_EVERY), (
+            loaded, left, k)  # killed after step k's curves, before its checkpoint
+        return f"resumed from step {left}, {k - left} step(s) redone"
     return "recomputed (no resume promised)"
 
 
