@@ -136,3 +136,26 @@ def test_same_decisions_from_a_memmap(tmp_path):
 def test_rows_and_hashes_must_agree():
     with pytest.raises(ValueError, match="fingerprints: 2 rows for 3 PCM hashes"):
         dedup.find_duplicates(["a", "b", "c"], np.zeros((2, 4), np.float32), 0.9)
+
+
+def test_the_plan_passes_its_fingerprints_memory_mapped(monkeypatch, cfg):
+    from cantus.ingest import plan
+
+    seen = []
+
+    def spy(hashes, fp, threshold):
+        seen.append((type(fp), np.array(fp)))
+        return dedup.find_duplicates(hashes, fp, threshold)
+
+    monkeypatch.setattr(plan, "find_duplicates", spy)
+    rng = np.random.default_rng(6)
+    fps = [_unit(rng.standard_normal((k, 256))) for k in (2, 0, 3)]
+    records = [{"error": None, "meta": {}, "uri": f"in{i}"} for i in range(3)]
+    results = {i: {"reject": None, "source_hash": f"s{i}", "fingerprints": fp,
+                   "chunks": [{"pcm_hash": f"h{i}.{j}", "key": f"k{i}.{j}", "offset": 0,
+                               "length": 1} for j in range(len(fp))]}
+               for i, fp in enumerate(fps)}
+    p = plan.Plan(cfg, records, results)
+    (kind, got), = seen
+    assert issubclass(kind, np.memmap) and np.array_equal(got, np.concatenate(fps))
+    assert len(p.kept) == 5
