@@ -5,9 +5,11 @@ overrides below) is run uninterrupted once, every stage as ``cantus ...`` in a
 subprocess: those outputs are the references. Then, for each stage of the
 matrix and each of 3 kill points ``k`` (distinct, drawn by a seeded RNG), the
 stage runs again into a fresh folder as a child that is held after its k-th
-item (an input, a shard, a checkpoint, a generation: a call of the function in
-``TARGETS``), killed there with SIGKILL, so the kill lands mid-stage, between
-two items, and then rerun. The harness asserts:
+item (an input, a shard, a trainer's step, a generation: a call of the
+function in ``TARGETS``), killed there with SIGKILL, so the kill lands
+mid-stage, between two items, and then rerun. A trainer is killed after step
+k logged its curves and before its checkpoint (one every 2 steps), so the
+rerun redoes 1 or 2 steps. The harness asserts:
 
 - the kill landed before the stage finished (killed by the signal, no final output);
 - the rerun resumed where the stage promises it: ingest takes the finished
