@@ -5,6 +5,7 @@
     cantus tokenize acoustic --audio ... --codec ... audio shards -> one field's tokens
     cantus train --stage coarse --tokens ...         train one LM stage
     cantus generate "a fast Irish reel on fiddle" --seconds 10 --out reel.wav
+    cantus dataset diff v1 v2                        tracks added/removed between revisions
 
 Goes in: ``argv`` (a command of one or two words, then its options). Each
 command is the ``main(argv)`` of a stage module, so ``python -m
@@ -39,6 +40,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("cantus.generate.run", "text or an audio prompt -> music (WAV)"),
     "generate-eval": ("cantus.evaluate.generate_eval", "generate the evaluation set"),
     "evaluate": ("cantus.evaluate.run", "score generations, gather metrics, write the report"),
+    "dataset": ("cantus.dataset", "a dataset version: show [--rev], diff REV_A REV_B, card"),
 }
 GROUPS = sorted({name.split()[0] for name in COMMANDS if " " in name})
 

@@ -60,6 +60,7 @@ CASES: dict[str, tuple[str, tuple[str, ...] | None]] = {
                       ("evaluate",)),
     "evaluate": ("--generated {missing-gen} --audio {missing-audio} --models {missing-models} "
                  "--metrics {missing-metrics} --out {out}", ("evaluate",)),
+    "dataset": ("show --repo {missing-repo}", None),
 }
 
 
