@@ -87,7 +87,7 @@ def run(cfg: IngestConfig, inputs: Inputs, out: str | Path, cache: str | Path,
     for j, res in map_unordered(stagemod.process_task, [r for _, r in todo], args=(cfg, staging),
                                 executor=cfg.executor, max_in_flight=2 * workers,
                                 desc="decode+chunk", total=len(todo)):
-        res["fingerprints"] = spool.add(res["fingerprints"])
+        res["fingerprints"] = spool.add(res.get("fingerprints", ()))  # a reject has none
         prog.results[todo[j][0]] = res
         prog.cached_inputs += res["cached"]
         prog.processed_inputs += not res["cached"]
