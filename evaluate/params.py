@@ -16,6 +16,7 @@ class EvaluateConfig:
     examples: int               # prompts shown with players and spectrograms in the report
     fad_embedding: str          # "mulan", or a folder with a TorchScript model.pt + config.json
     seed: int
+    diagnostic_clips: int = 16  # valid token clips the LM conditioning sensitivity scores
 
     def __post_init__(self):
         if not self.seconds > 0:

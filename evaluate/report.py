@@ -109,10 +109,32 @@ def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
+def _diagnostics(rows: list[dict[str, Any]], alarms: list[dict[str, Any]]) -> list[str]:
+    """The Diagnostics section: each hop's figures beside their baselines, a bar chart
+    (one panel per hop) and the collapse alarms."""
+    out = ["<h2 id='diagnostics'>Diagnostics</h2>",
+           "<p>Each hop of the chain beside its baseline: does an LM stage use its "
+           "conditioning, do caption text tokens land on their audio's MuLan tokens, what "
+           "MuLan hears of real audio through the codec.</p>"]
+    if rows:
+        out += [table(rows, ["hop", "series", "role", "value", "n", "note"]),
+                f"<img alt='diagnostics beside baselines' "
+                f"src='{bars_uri([{**r, 'metric': r['hop']} for r in rows])}'>"]
+    if alarms:
+        raised = [a["alarm"] for a in alarms if a["raised"]]
+        out += [f"<h3>Collapse alarms</h3><p>{len(raised)} of {len(alarms)} raised"
+                f"{': ' + html.escape(', '.join(raised)) if raised else ''}.</p>",
+                table(alarms, ["alarm", "value", "threshold", "raised", "note"])]
+    return out
+
+
 def render(path: str | Path, summary: dict[str, Any], scores: list[dict[str, Any]],
-           stages: list[dict[str, Any]], examples: list[dict[str, Any]]) -> None:
+           stages: list[dict[str, Any]], examples: list[dict[str, Any]],
+           diagnostics: list[dict[str, Any]] | None = None,
+           alarms: list[dict[str, Any]] | None = None) -> None:
     """Write the report. ``examples``: dicts with prompt, gen (audio), real (audio or None),
-    rate, and a note."""
+    rate, and a note; ``diagnostics``: rows of each hop (hop, series, role, value, n,
+    note); ``alarms``: rows (alarm, value, threshold, raised, note)."""
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>Cantus evaluation"
              f"</title><style>{CSS}</style></head><body>",
              "<h1>Cantus: generation and evaluation</h1>",
@@ -122,6 +144,7 @@ def render(path: str | Path, summary: dict[str, Any], scores: list[dict[str, Any
              f"<img alt='metrics beside baselines' src='{bars_uri(scores)}'>",
              "<h2 id='stages'>Earlier stages</h2>",
              table(stages, ["stage", "metric", "value", "baseline", "baseline is"]),
+             *_diagnostics(diagnostics or [], alarms or []),
              "<h2 id='examples'>Examples</h2>"]
     for ex in examples:
         parts.append(f"<h3>{html.escape(ex['prompt'])}</h3><p>{html.escape(ex['note'])}</p>"

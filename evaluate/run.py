@@ -19,6 +19,14 @@ Every figure stands beside a baseline:
 - instrument adherence against chance (1 / classes) and the prior (how often the
   classifier names that instrument in other prompts' generations), beside the
   classifier's accuracy on real chunks of those instruments.
+
+Diagnostics of each hop (``diagnostics``; ``--tokens`` adds the first two): each LM
+stage's valid perplexity with own beside another clip's conditioning; caption text
+tokens against their own audio's MuLan tokens (chance: other clips'); MCC and
+instrument accuracy of real valid chunks before and after the codec; collapse alarms
+(MuLan InfoNCE near ln(batch), a codec level of codebook perplexity near 1).
+
+    python -m cantus.evaluate.run ... --tokens data/tokens
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ from cantus.audio_stream import iter_all, shard_paths
 from cantus.config import load_section
 from cantus.shards import atomic_write_json
 
+from . import diagnostics as D
 from . import metrics as M
 from .embedding import embed_all, load_embedder
 from .generate_eval import instruments_of
@@ -243,6 +252,63 @@ def codec_resynthesis(codec_dir: Path, clips: dict[str, np.ndarray], rate: int
     return out
 
 
+def diagnose(prompts: list[dict], refs: References, resynth: dict[str, np.ndarray], mulan,
+             models: Path, tokens: str | Path | None, metrics_dir: Path, template: str,
+             rate: int, seed: int, clips: int, mulan_batch: int | None
+             ) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
+    """Issue 17's per-hop diagnostics (``diagnostics``): (metrics, table rows, alarm rows).
+
+    LM sensitivity and text/audio code agreement need ``tokens`` (the packed token
+    folder) and are left out without it; the codec hop needs caption chunks and a codec.
+    """
+    out: dict[str, Any] = {}
+    rows: list[dict[str, Any]] = []
+    if tokens is not None:
+        from cantus.train.stage import load_stage
+
+        valid = D.valid_tokens(tokens, ("acoustic", "semantic", "mulan"), clips)
+        out["sensitivity"] = {}
+        for stage in ("semantic", "coarse", "fine"):
+            folder = models / f"lm_{stage}"
+            if (folder / "model.safetensors").is_file():
+                model, layout = load_stage(folder)
+                s = D.sensitivity(model, layout, valid, seed)
+                out["sensitivity"][stage] = s
+                rows += D.sensitivity_rows(stage, s)
+        captions = {m["key"]: m["caption"] for m in refs.metas
+                    if str(m.get("caption", "")).strip()}
+        pairs = [(captions[k], t["mulan"]) for k, t in valid if k in captions]
+        rvq_dir = models / "mulan_rvq"
+        if len(pairs) >= 2 and (rvq_dir / "codebooks.safetensors").is_file():
+            from cantus.tokenize.mulan.rvq import ResidualKMeans
+
+            rvq = ResidualKMeans.load(rvq_dir)
+            with torch.no_grad():
+                text = mulan.embed_text([c for c, _ in pairs]).cpu().numpy()
+            out["code_agreement"] = D.code_agreement(rvq.encode(text),
+                                                     np.stack([a for _, a in pairs]))
+            rows += D.agreement_rows(out["code_agreement"])
+    caps = [p for p in prompts if p["kind"] == "caption" and p["key"] in resynth]
+    if len(caps) >= 2:
+        emb = load_embedder("mulan", mulan)
+        real = embed_all(emb, [refs.real[p["key"]][0] for p in caps], rate)
+        codec = embed_all(emb, [resynth[p["key"]] for p in caps], rate)
+        with torch.no_grad():
+            text = mulan.embed_text([p["prompt"] for p in caps]).cpu().numpy()
+        classes = _classes(refs.metas, "instruments")
+        labels = [instruments_of(refs.real[p["key"]][1]) for p in caps]
+        probs = (tag_probs(mulan, real, classes, template),
+                 tag_probs(mulan, codec, classes, template)) if len(classes) >= 2 else (None, None)
+        out["codec_hearing"] = D.codec_hearing(text, real, codec, *probs, classes, labels)
+        rows += D.codec_hearing_rows(out["codec_hearing"])
+    codec_json = metrics_dir / "codec.json"
+    usage = json.loads(codec_json.read_text()).get("usage", {}) if codec_json.is_file() else {}
+    out["alarms"] = D.alarms(D.mulan_final_loss(metrics_dir / "mulan_train")
+                             if mulan_batch else None, mulan_batch or 2,
+                             usage.get("perplexity"))
+    return out, rows, D.alarm_rows(out["alarms"])
+
+
 def gather(metrics_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The earlier stages' metrics files, and one headline row (with baseline) per stage."""
     d = Path(metrics_dir)
@@ -304,7 +370,11 @@ def load_generated(folder: str | Path) -> tuple[dict[str, Any], list[np.ndarray]
 
 def run(cfg: EvaluateConfig, tag_prompts: dict[str, str], generated: str | Path,
         audio_dir: str | Path, models: str | Path, metrics_dir: str | Path,
-        out: str | Path) -> dict[str, Any]:
+        out: str | Path, tokens: str | Path | None = None, mulan_batch: int | None = None
+        ) -> dict[str, Any]:
+    """Score, diagnose and report (see the module docstring). ``tokens``: the packed
+    token folder (LM sensitivity, code agreement); ``mulan_batch``: MuLan's training
+    batch size (its InfoNCE alarm)."""
     from cantus.tokenize.mulan.model import load_mulan
 
     info, gen = load_generated(generated)
@@ -322,15 +392,20 @@ def run(cfg: EvaluateConfig, tag_prompts: dict[str, str], generated: str | Path,
     resynth = codec_resynthesis(Path(models) / "codec", {k: v[0] for k, v in real.items()}, rate)
     scores, rows = score(gen, prompts, refs, mulan, cfg, tag_prompts, rate, resynth)
     stages, stage_rows = gather(metrics_dir)
+    diag, diag_rows, alarm_rows = diagnose(prompts, refs, resynth, mulan, Path(models), tokens,
+                                           Path(metrics_dir), tag_prompts["instruments"], rate,
+                                           cfg.seed, cfg.diagnostic_clips, mulan_batch)
     # The generation speed stays in metrics/generate.json: a dep holding a time would
     # re-run this stage after every regeneration, even one that made the same audio.
     scores["generation"] = {"seconds": info["seconds"]}
-    result = {"generation": scores, "stages": stages}
+    result = {"generation": scores, "diagnostics": diag, "stages": stages}
     out = Path(out)
     atomic_write_json(out / "metrics.json", result)
     atomic_write_json(out / "plots" / "scores.json",
                       [{"name": f"{r['metric']}: {r['series']}", **r} for r in rows
-                       if r["value"] is not None])
+                       if r["value"] is not None]
+                     + [{"name": f"{r['hop']}: {r['series']}", "metric": r["hop"], **r}
+                        for r in diag_rows if r["value"] is not None])
     examples = []
     for i, p in enumerate(prompts[:cfg.examples] if cfg.examples else []):
         ref = real.get(p["key"]) if p["key"] else None
@@ -346,7 +421,8 @@ def run(cfg: EvaluateConfig, tag_prompts: dict[str, str], generated: str | Path,
                  f"({scores['n_caption_prompts']} valid captions, the rest instrument prompts). "
                  "Each figure stands beside a chance level or a real-audio reference.",
         "footer": "Written by cantus.evaluate.run; the figures are in metrics.json "
-                  "(dvc metrics show)."}, rows, stage_rows, examples)
+                  "(dvc metrics show)."}, rows, stage_rows, examples,
+           diag_rows, alarm_rows)
     return result
 
 
@@ -356,14 +432,17 @@ def _arguments(p) -> None:
     p.add_argument("--models", default="models", help="folder of the trained models")
     p.add_argument("--metrics", default="metrics", help="folder of the earlier stages' metrics")
     p.add_argument("--out", required=True, help="report folder")
+    p.add_argument("--tokens", default=None,
+                   help="packed token folder (LM conditioning sensitivity, code agreement)")
 
 
 def _main(args) -> None:
     from cantus.tokenize.mulan.params import MulanConfig
 
     cfg = load_section(args.params, "evaluate", EvaluateConfig)
-    tags = dict(load_section(args.params, "mulan", MulanConfig).eval.prompts)
-    result = run(cfg, tags, args.generated, args.audio, args.models, args.metrics, args.out)
+    mulan = load_section(args.params, "mulan", MulanConfig)
+    result = run(cfg, dict(mulan.eval.prompts), args.generated, args.audio, args.models,
+                 args.metrics, args.out, args.tokens, mulan.train.batch_size)
     print(json.dumps(result["generation"], indent=1, default=str))
     print(f"report: {Path(args.out) / 'report.html'}")
 

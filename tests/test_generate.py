@@ -237,10 +237,36 @@ def test_evaluation_stage_scores_generations_and_renders_every_section(models, t
     metrics_dir.mkdir()
     (metrics_dir / "codec.json").write_text(json.dumps({
         "codec_6kbps": {"mel_distance": 0.5, "si_sdr": 2.0},
-        "opus_6kbps": {"mel_distance": 0.6, "si_sdr": 1.0}}))
+        "opus_6kbps": {"mel_distance": 0.6, "si_sdr": 1.0},
+        "usage": {"perplexity": [30.0, 1.0]}}))               # level 1 collapsed
+    (metrics_dir / "mulan_train").mkdir()
+    (metrics_dir / "mulan_train" / "metrics.json").write_text(json.dumps({"loss": 0.3}))
+    # a token folder for the valid chunks (random codes, MuLan codes in its 4 entries)
+    from cantus.audio_stream import iter_all, shard_paths
+    from cantus.shards import write_shard
+    from cantus.tokens import sample_fields
+
+    rng = np.random.default_rng(3)
+    keys = [m["key"] for _, m in iter_all(shard_paths(audio, "valid"))]
+    write_shard(tmp_path / "tokens" / "valid-000000.tar", [
+        (k, sample_fields({"acoustic": rng.integers(0, K, (12, 100)).astype(np.uint16),
+                           "semantic": rng.integers(0, K, 50).astype(np.uint16),
+                           "mulan": rng.integers(0, 4, 12).astype(np.uint16)}, {}))
+        for k in keys])
     tags = {"instruments": "music played on {}"}
     out = evaluate.run(dataclasses.replace(cfg, fad_embedding=str(emb)), tags, tmp_path / "gen",
-                       audio, models, metrics_dir, tmp_path / "reports")
+                       audio, models, metrics_dir, tmp_path / "reports",
+                       tokens=tmp_path / "tokens", mulan_batch=16)
+    d = out["diagnostics"]
+    for stage in ("semantic", "coarse", "fine"):
+        s = d["sensitivity"][stage]
+        assert s["n"] == len(keys) and s["ratio"] == pytest.approx(s["swapped_ppl"] / s["own_ppl"])
+    assert d["sensitivity"]["fine"]["null_ppl"] is None   # fine is trained without dropout
+    assert len(d["code_agreement"]["own"]) == 12 and d["code_agreement"]["n"] >= 2
+    assert -1 <= d["codec_hearing"]["mcc"]["codec"] <= 1
+    assert d["codec_hearing"]["mcc"]["codec"] == pytest.approx(
+        out["generation"]["mcc"]["codec_resynthesis_own_caption"], abs=1e-6)
+    assert not d["alarms"]["mulan_infonce"]["raised"] and d["alarms"]["codec_level_1"]["raised"]
     g = out["generation"]
     assert -1 <= g["mcc"]["generated"] <= 1 and -1 <= g["mcc"]["shuffled_prompts"] <= 1
     assert g["mcc"]["real_own_caption"] is not None
@@ -254,7 +280,10 @@ def test_evaluation_stage_scores_generations_and_renders_every_section(models, t
     bars = json.loads((tmp_path / "reports" / "plots" / "scores.json").read_text())
     assert {b["role"] for b in bars} == {"cantus", "baseline", "reference"}
     page = (tmp_path / "reports" / "report.html").read_text()
-    for section in ("id='metrics'", "id='stages'", "id='examples'", "mel distance 6 kbps"):
+    assert saved["diagnostics"]["alarms"]["codec_level_1"]["raised"] is True
+    for section in ("id='metrics'", "id='stages'", "id='examples'", "mel distance 6 kbps",
+                    "id='diagnostics'", "coarse LM &lt;- semantic", "codec_level_1",
+                    "1 of 3 raised"):
         assert section in page
-    assert page.count("<audio") >= 5 and page.count("data:image/png;base64") >= 6
+    assert page.count("<audio") >= 5 and page.count("data:image/png;base64") >= 7
     assert "real through the codec" in page
