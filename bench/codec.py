@@ -1,31 +1,40 @@
-"""Benchmark the SoundStream codec: real-time factors on one CPU thread, GPU throughput.
+"""Benchmark the SoundStream codec against EnCodec and its own modules' forward, one CPU thread.
 
-Measured in one run, side by side, for the demo and the paper sizes (weights
-do not change the speed, so freshly initialised models are timed; k-means
-initialisation is run once so the codebooks are real):
+Measured in one run, side by side (interleaved, best of ``--rounds``), for the
+demo and the paper sizes on ``--seconds`` of audio. Weights do not change the
+speed, so freshly initialised models are timed (k-means initialisation is run
+once so the codebooks are real):
 
-- encode and decode real-time factor (audio seconds per wall second) on one
-  CPU thread (``torch.set_num_threads(1)``, inference mode) of ``encode`` and
-  ``decode`` (the time-major CPU path) and of the modules' own forward, best of
-  ``--rounds`` on ``--seconds`` of audio, beside EnCodec's published 9.8x
-  encode / 10.4x decode (24 kHz, 6 kbps, one thread; EnCodec paper, Table 5).
-  Target: paper-size encode >= 10x real time.
-- when CUDA is present: encode and decode throughput in audio-hours per second
-  at batch 64 (bf16 autocast).
+- ``encode`` / ``decode`` (the path ``tokenize/codec/cpu.py`` chooses for this
+  machine: its time-major path or the modules' forward; the one-time choice is
+  made, and timed, in the warm-up);
+- the modules' channels-first forward (encoder + RVQ, RVQ + decoder);
+- EnCodec 24 kHz at 6 kbps, random weights (``pip install --no-deps encodec
+  einops``, bench-only), ``encode`` / ``decode``.
+
+Targets (paper size): encode >= 1.1x EnCodec's speed, decode >= 1.0x, and
+never slower than the plain forward. Prints the CPU's ISA, cores and whether
+the ``cantus.kernels`` caps are set; to time what an AVX2 machine runs:
 
     python bench/codec.py [--seconds 10] [--rounds 7]
+    env $(python -m cantus.kernels --env avx2) python bench/codec.py
+
+With CUDA: encode and decode throughput in audio-hours per second at batch 64 (bf16).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
+import warnings
+from collections.abc import Callable
 
 import torch
 
+from cantus import kernels
+from cantus.tokenize.codec import cpu as codec_cpu
 from cantus.tokenize.codec.model import CodecConfig, SoundStream
-
-ENCODEC = {"encode": 9.8, "decode": 10.4}
 
 
 def build(size: str) -> SoundStream:
@@ -37,21 +46,40 @@ def build(size: str) -> SoundStream:
     return model.eval()
 
 
-def best_time(fn, rounds: int) -> float:
-    fn()  # warm-up (allocations, oneDNN kernels)
-    times = []
-    for _ in range(rounds):
-        t = time.perf_counter()
+def encodec_model() -> torch.nn.Module | None:
+    """EnCodec 24 kHz at 6 kbps with random weights, or None without the package."""
+    try:
+        import encodec
+    except ImportError:
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # its weight_norm deprecation
+        model = encodec.EncodecModel.encodec_model_24khz(pretrained=False)
+    model.set_target_bandwidth(6.0)
+    return model.eval()
+
+
+def best_times(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+    """name -> best seconds of ``rounds`` interleaved runs (after one warm-up each)."""
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
+    best = {name: float("inf") for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t)
+    return best
 
 
-def cpu_rtf(model: SoundStream, seconds: float, rounds: int) -> dict[str, float]:
-    """encode/decode (the time-major CPU path, tokenize/codec/cpu.py) and, for
-    comparison, the same through the modules' channels-first forward."""
+def cpu_times(model: SoundStream, enc: torch.nn.Module | None, seconds: float,
+              rounds: int) -> dict[str, float]:
+    """Seconds per call of encode/decode (chosen path), the modules' forward and EnCodec's."""
     wav = torch.randn(1, int(seconds * model.cfg.sample_rate)) * 0.1
-    codes = model.encode(wav)
+    start = time.perf_counter()
+    codes = model.encode(wav)  # the first call chooses the path (measured once, cached)
+    model.decode(codes)
+    first = time.perf_counter() - start
 
     @torch.inference_mode()
     def modules_encode():
@@ -61,11 +89,22 @@ def cpu_rtf(model: SoundStream, seconds: float, rounds: int) -> dict[str, float]
     def modules_decode():
         return model.decoder(model.quantizer.decode(codes.long()))
 
-    enc = best_time(lambda: model.encode(wav), rounds)
-    dec = best_time(lambda: model.decode(codes), rounds)
-    enc_m, dec_m = best_time(modules_encode, rounds), best_time(modules_decode, rounds)
-    return {"encode": seconds / enc, "decode": seconds / dec,
-            "encode_modules": seconds / enc_m, "decode_modules": seconds / dec_m}
+    fns = {"encode": lambda: model.encode(wav), "decode": lambda: model.decode(codes),
+           "encode_forward": modules_encode, "decode_forward": modules_decode}
+    if enc is not None:
+        x = wav[:, None]
+        with torch.inference_mode():
+            frames = enc.encode(x)
+        fns["encode_encodec"] = torch.inference_mode()(lambda: enc.encode(x))
+        fns["decode_encodec"] = torch.inference_mode()(lambda: enc.decode(frames))
+    return best_times(fns, rounds) | {"first_calls": first}
+
+
+def cpu_kind() -> str:
+    k = kernels.active()
+    capped = sorted(v for v in kernels.CAPS["avx2"] if v in os.environ)
+    caps = f"caps set: {' '.join(f'{v}={os.environ[v]}' for v in capped)}" if capped else "no caps"
+    return f"ATen {k['aten']}, oneDNN {k['onednn']}, {os.cpu_count()} cores, {caps}"
 
 
 def gpu_throughput(model: SoundStream, seconds: float, batch: int = 64) -> dict[str, float]:
@@ -83,7 +122,8 @@ def gpu_throughput(model: SoundStream, seconds: float, batch: int = 64) -> dict[
             torch.cuda.synchronize()
 
         hours = batch * seconds / 3600
-        return {"encode": hours / best_time(enc, 3), "decode": hours / best_time(dec, 3)}
+        times = best_times({"encode": enc, "decode": dec}, 3)
+        return {k: hours / t for k, t in times.items()}
 
 
 def main() -> None:
@@ -94,25 +134,39 @@ def main() -> None:
     args = p.parse_args()
     threads = torch.get_num_threads()  # restored for the GPU part
     torch.set_num_threads(1)
+    print(cpu_kind())
     print(f"one CPU thread, {args.seconds:g} s of 24 kHz audio, 6 kbps (12 x 1024), "
-          f"best of {args.rounds}")
-    print(f"{'model':<16}{'params':>10}{'encode RTF':>13}{'decode RTF':>13}")
-    print(f"{'EnCodec (paper)':<16}{'':>10}{ENCODEC['encode']:>12.1f}x{ENCODEC['decode']:>12.1f}x")
+          f"best of {args.rounds}, interleaved; CANTUS_CODEC_PATH="
+          f"{os.environ.get('CANTUS_CODEC_PATH', 'auto')}")
+    enc = encodec_model()
+    if enc is None:
+        print("encodec not installed (pip install --no-deps encodec einops): not timed")
     models = {size: build(size) for size in args.sizes}
-    measured = {}
+    s = args.seconds
+    print(f"{'model':<9}{'params':>8}{'encode RTF':>12}{'decode RTF':>12}  path (enc/dec)")
+    met = []
     for size, model in models.items():
-        r = measured[size] = cpu_rtf(model, args.seconds, args.rounds)
+        t = cpu_times(model, enc, s, args.rounds)
         n = sum(q.numel() for q in model.parameters()) / 1e6
-        print(f"{size:<16}{n:>9.2f}M{r['encode']:>12.1f}x{r['decode']:>12.1f}x"
-              f"   (encode {r['encode'] / ENCODEC['encode']:.2f}x EnCodec's, "
-              f"decode {r['decode'] / ENCODEC['decode']:.2f}x)")
-        print(f"{'  modules fwd':<16}{'':>10}{r['encode_modules']:>12.1f}x{r['decode_modules']:>12.1f}x"
-              f"   (CPU path {r['encode'] / r['encode_modules']:.2f}x / "
-              f"{r['decode'] / r['decode_modules']:.2f}x faster)")
-    if "paper" in measured:
-        e = measured["paper"]["encode"]
-        print(f"target: paper-size encode >= 10x real time: {'met' if e >= 10 else 'NOT met'} "
-              f"({e:.1f}x)")
+        hop = model.cfg.hop
+        paths = [codec_cpu.choose(model, "encode", torch.zeros(1, 1, int(s * 24000) // hop * hop)),
+                 codec_cpu.choose(model, "decode", torch.zeros(1, model.cfg.dim, int(s * 24000) // hop))]
+        print(f"{size:<9}{n:>7.2f}M{s / t['encode']:>11.1f}x{s / t['decode']:>11.1f}x  "
+              f"{paths[0].path}/{paths[1].path} (first encode+decode {t['first_calls']:.1f} s)")
+        print(f"{'  forward':<17}{s / t['encode_forward']:>11.1f}x{s / t['decode_forward']:>11.1f}x"
+              f"  chosen path {t['encode_forward'] / t['encode']:.2f}x / "
+              f"{t['decode_forward'] / t['decode']:.2f}x its speed")
+        if enc is not None:
+            e, d = t["encode_encodec"] / t["encode"], t["decode_encodec"] / t["decode"]
+            print(f"{'  EnCodec':<17}{s / t['encode_encodec']:>11.1f}x{s / t['decode_encodec']:>11.1f}x"
+                  f"  {size} {e:.2f}x / {d:.2f}x its speed")
+            if size == "paper":
+                met.append(f"paper encode >= 1.1x EnCodec: {'met' if e >= 1.1 else 'NOT met'} ({e:.2f}x); "
+                           f"decode >= 1.0x: {'met' if d >= 1.0 else 'NOT met'} ({d:.2f}x)")
+        slower = [k for k in ("encode", "decode") if t[k] > t[f"{k}_forward"]]
+        met.append(f"{size} never slower than the forward: "
+                   f"{'met' if not slower else 'NOT met (' + ', '.join(slower) + ')'}")
+    print("targets: " + "; ".join(met))
     if torch.cuda.is_available():
         torch.set_num_threads(threads)
         print(f"\nGPU ({torch.cuda.get_device_name()}), batch 64 x {args.seconds:g} s, bf16:")

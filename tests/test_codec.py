@@ -2,6 +2,7 @@
 
 import copy
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -61,23 +62,65 @@ def test_cpu_inference_path_equals_the_modules(size):
     with torch.no_grad():  # non-zero biases and gains, as after training
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
+    class Prefer(codec_cpu.Plan):  # every layer in one layout where it has it
+        def __init__(self, layout: str):
+            super().__init__()
+            self.layout = layout
+
+        def run(self, key, layouts):
+            return layouts.get(self.layout, next(iter(layouts.values())))()
+
     for batch, frames in ((1, 1), (2, 23), (3, 61)):
         wav = 0.1 * torch.randn(batch, 1, frames * cfg.hop)
-        with torch.inference_mode():
-            ref = model.encoder(wav)
-            z = codec_cpu.encode_latents(model.encoder, wav, cfg.hop, cfg.strides)
-            assert z.shape == ref.shape == (batch, cfg.dim, frames)
-            assert torch.allclose(z, ref, atol=1e-5, rtol=1e-4), (z - ref).abs().max()
-            ref_wav = model.decoder(ref)
-            out = codec_cpu.decode_waveform(model.decoder, ref, cfg.hop)
-            assert out.shape == ref_wav.shape == (batch, 1, frames * cfg.hop)
-            assert torch.allclose(out, ref_wav, atol=1e-5, rtol=1e-4), (out - ref_wav).abs().max()
+        for plan in (None, Prefer("line"), Prefer("frames")):
+            with torch.inference_mode():
+                ref = model.encoder(wav)
+                z = codec_cpu.encode_latents(model.encoder, wav, cfg.hop, cfg.strides, plan)
+                assert z.shape == ref.shape == (batch, cfg.dim, frames)
+                assert torch.allclose(z, ref, atol=1e-5, rtol=1e-4), (z - ref).abs().max()
+                ref_wav = model.decoder(ref)
+                out = codec_cpu.decode_waveform(model.decoder, ref, cfg.hop, plan)
+                assert out.shape == ref_wav.shape == (batch, 1, frames * cfg.hop)
+                assert torch.allclose(out, ref_wav, atol=1e-5, rtol=1e-4), (out - ref_wav).abs().max()
     # encode/decode take the CPU path; their codes match the modules' codes
     wav = 0.1 * torch.randn(2, 40 * cfg.hop)
     codes = model.encode(wav)
     with torch.inference_mode():
         ref_codes = model.quantizer.encode(model.encoder(wav[:, None]).float())
     assert (codes.long() == ref_codes).float().mean() > 0.99
+
+
+def test_codec_path_is_chosen_per_machine_cached_and_forced(monkeypatch, tmp_path):
+    """auto measures once (cached on disk, keyed by machine, kernels, config and input size);
+    CANTUS_CODEC_PATH forces a path; every path gives the same codes."""
+    from cantus.tokenize.codec import cpu as codec_cpu
+
+    torch.manual_seed(0)
+    model = SoundStream(CodecConfig.tiny())
+    model.train()
+    model(torch.from_numpy(np.stack([melody(s, 2.0, 24000) for s in range(4)])))  # k-means init
+    model.eval()
+    wav = torch.from_numpy(melody(5, 2.0, 24000))[None]
+    monkeypatch.setenv("CANTUS_CACHE", str(tmp_path))
+    monkeypatch.setattr(codec_cpu, "_chosen", {})
+    monkeypatch.delenv("CANTUS_CODEC_PATH", raising=False)
+    codes = model.encode(wav)
+    model.decode(codes)
+    saved = sorted(tmp_path.glob("codec_path-*.json"))
+    assert len(saved) == 2  # encode and decode
+    for f in saved:
+        choice = json.loads(f.read_text())
+        assert choice["path"] in codec_cpu.PATHS and set(choice["seconds"]) == set(codec_cpu.PATHS)
+    monkeypatch.setattr(codec_cpu, "_chosen", {})  # a new process reads the cache: no timing
+    monkeypatch.setattr(codec_cpu, "measure", lambda *a, **k: pytest.fail("measured again"))
+    assert torch.equal(model.encode(wav), codes)
+    for path in codec_cpu.PATHS:
+        monkeypatch.setenv("CANTUS_CODEC_PATH", path)
+        assert codec_cpu.choose(model, "encode", wav[:, None]).path == path
+        assert torch.equal(model.encode(wav), codes), path
+    monkeypatch.setenv("CANTUS_CODEC_PATH", "fast")
+    with pytest.raises(ValueError, match="CANTUS_CODEC_PATH"):
+        model.encode(wav)
 
 
 _REUSE_PROBE = """

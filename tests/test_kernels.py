@@ -27,9 +27,10 @@ print(json.dumps(kernels.active()))
 """
 
 
-def _encode(model_dir, wav_path, out, cap: str | None) -> tuple[bytes, dict]:
+def _encode(model_dir, wav_path, out, cap: str | None, path: str = "auto") -> tuple[bytes, dict]:
     env = {k: v for k, v in os.environ.items() if k not in kernels.CAPS["avx2"]}
     env.update(kernels.CAPS[cap] if cap else {})
+    env["CANTUS_CODEC_PATH"] = path  # the codec's CPU inference path (auto: per machine)
     run = subprocess.run([sys.executable, "-c", ENCODE, str(model_dir), str(wav_path), str(out)],
                          env=env, capture_output=True, text=True, check=True)
     return out.read_bytes(), json.loads(run.stdout.strip().splitlines()[-1])
@@ -51,3 +52,6 @@ def test_codec_tokens_are_byte_identical_under_capped_kernels(tmp_path):
         capped, under = _encode(tmp_path / "codec", wav, tmp_path / f"{cap}.npy", cap)
         assert kernels.check(cap, under) == [], under  # the cap took effect in the child
         assert capped == native, f"codec tokens differ under the {cap} cap ({under}, native {seen})"
+    for path in ("cpu", "forward"):  # whichever path a machine's measurement picks
+        forced, _ = _encode(tmp_path / "codec", wav, tmp_path / f"{path}.npy", "avx2", path)
+        assert forced == native, f"codec tokens differ on the {path} path under the avx2 cap"

@@ -30,7 +30,16 @@ products. The result equals ``Encoder.forward`` to float rounding
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import math
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +50,59 @@ from cantus.memory import keep_freed_memory
 from cantus.tokenize.codec import native as cpu_native
 
 CHANNELS_LAST = torch.channels_last
+PATHS = ("cpu", "forward")  # CANTUS_CODEC_PATH: one of these forces it; "auto" (default) measures
+log = logging.getLogger(__name__)
+
+
+class Plan:
+    """Which layout each convolution with more than one runs.
+
+    ``choice`` maps a layer's key (``"conv 64>32 k7 d3 s1"``, ``"transposed 512>256 s8"``)
+    to a layout name. A key it lacks runs the first layout listed, or, when ``tune``,
+    every layout (``_timed``), keeping the fastest in ``choice`` (the first
+    unless another takes under ``margin`` of its time: tuned on ~1 s of audio, small
+    wins do not carry over to long inputs). All layouts
+    give the same values to float rounding; which is fastest depends on the CPU's ISA
+    (on AVX2, oneDNN's undilated ``[L, 1]`` images run 3-5x slower than ``[1, L]`` ones).
+    """
+
+    margin = 0.85
+
+    def __init__(self, choice: dict[str, str] | None = None, tune: bool = False):
+        self.choice, self.tune = dict(choice or {}), tune
+
+    def run(self, key: str, layouts: dict[str, Callable[[], torch.Tensor]]) -> torch.Tensor:
+        """The output of the layout chosen for ``key`` (timing all of them first if tuning)."""
+        name = self.choice.get(key)
+        if name in layouts:
+            return layouts[name]()
+        if not self.tune:
+            return next(iter(layouts.values()))()
+        best: tuple[float, str, torch.Tensor | None] = (math.inf, "", None)
+        for i, (name, fn) in enumerate(layouts.items()):
+            t, out = _timed(fn)
+            if t < best[0] * (1.0 if i == 0 else self.margin):
+                best = (t, name, out)
+        self.choice[key] = best[1]
+        return best[2]
+
+
+def _timed(fn: Callable[[], torch.Tensor], rounds: int = 3,
+           enough: float = 0.03) -> tuple[float, torch.Tensor]:
+    """(best seconds, output) of up to ``rounds`` runs of ``fn``, stopping after a run of
+    over ``enough`` seconds (against that, oneDNN's first-run kernel build is noise)."""
+    best, out = math.inf, None
+    for _ in range(rounds):
+        start = time.perf_counter()
+        out = fn()
+        t = time.perf_counter() - start
+        best = min(best, t)
+        if t > enough:
+            break
+    return best, out
+
+
+DEFAULT = Plan()  # every layer's first layout: phases for stride 1, line for the others
 
 
 def _image(rows: torch.Tensor) -> torch.Tensor:
@@ -53,8 +115,11 @@ def _rows(image: torch.Tensor) -> torch.Tensor:
     return image.permute(0, 2, 3, 1).reshape(-1, image.shape[1])
 
 
-def _conv(conv: nn.Conv1d, rows: torch.Tensor) -> torch.Tensor:
-    """A CausalConv1d on rows [L, C_in] -> rows [L' >= L / stride, C_out] (valid prefix exact)."""
+def _conv(conv: nn.Conv1d, rows: torch.Tensor, plan: Plan | None = None) -> torch.Tensor:
+    """A CausalConv1d on rows [L, C_in] -> rows [L' >= L / stride, C_out] (valid prefix exact).
+
+    Convolutions with more than one layout (see ``Plan``) run the one ``plan`` picks.
+    """
     k, d, s = conv.kernel_size[0], conv.dilation[0], conv.stride[0]
     w, b = conv.weight, conv.bias
     if k == 1 and s == 1:
@@ -64,18 +129,40 @@ def _conv(conv: nn.Conv1d, rows: torch.Tensor) -> torch.Tensor:
         cols = F.pad(rows[:, 0], (k - 1, 0)).unfold(0, k, 1)
         flat = w[:, 0].t()
         return cols @ flat if b is None else torch.addmm(b, cols, flat)
-    if s == 1:  # the d phases side by side: [1, C, L / d, d], kernel (k, 1); d = 1 too
-        n = rows.shape[0] // d
-        phases = rows[: n * d].view(1, n, d, rows.shape[1]).permute(0, 3, 1, 2)
-        weight = w[:, :, :, None].contiguous(memory_format=CHANNELS_LAST)
-        return _rows(F.conv2d(phases, weight, b, padding=(k - 1, 0)))
-    left = (k - 1) * d - (s - 1)
-    weight = w[:, :, None].contiguous(memory_format=CHANNELS_LAST)
-    return _rows(F.conv2d(_image(rows), weight, b, stride=(1, s), padding=(0, left),
-                          dilation=(1, d)))
+
+    def line() -> torch.Tensor:  # along a [1, L] image, dilated and strided as the module
+        left = (k - 1) * d - (s - 1)
+        weight = w[:, :, None].contiguous(memory_format=CHANNELS_LAST)
+        return _rows(F.conv2d(_image(rows), weight, b, stride=(1, s), padding=(0, left),
+                              dilation=(1, d)))
+
+    if s == 1:
+        def phases() -> torch.Tensor:  # the d phases side by side: [1, C, L / d, d], kernel (k, 1)
+            n = rows.shape[0] // d
+            image = rows[: n * d].view(1, n, d, rows.shape[1]).permute(0, 3, 1, 2)
+            weight = w[:, :, :, None].contiguous(memory_format=CHANNELS_LAST)
+            return _rows(F.conv2d(image, weight, b, padding=(k - 1, 0)))
+
+        layouts = {"phases": phases, "line": line}
+    elif k == 2 * s and d == 1:
+        def frames() -> torch.Tensor:  # [L / s, s * C_in] frames: out[j] = f[j] @ W1 + f[j-1] @ W0
+            n, c_in = rows.shape[0] // s, rows.shape[1]
+            f = rows[: n * s].view(n, s * c_in)
+            taps = w.permute(2, 1, 0)  # [2s, C_in, C_out]
+            cur, prev = taps[s:].reshape(s * c_in, -1), taps[:s].reshape(s * c_in, -1)
+            out = f @ cur if b is None else torch.addmm(b, f, cur)
+            out[1:].addmm_(f[:-1], prev)
+            return out
+
+        layouts = {"line": line, "frames": frames}
+    else:
+        return line()
+    return (plan or DEFAULT).run(f"conv {conv.in_channels}>{conv.out_channels} k{k} d{d} s{s}",
+                                 layouts)
 
 
-def _residual(unit: nn.Module, x: torch.Tensor, pending: torch.Tensor | None) -> torch.Tensor:
+def _residual(unit: nn.Module, x: torch.Tensor, pending: torch.Tensor | None,
+              plan: Plan | None = None) -> torch.Tensor:
     """ELU, dilated conv, ELU, k=1 conv, plus x: the last two as one addmm into x.
 
     ``x`` is overwritten: it is always an intermediate of ``_run``, needed no more.
@@ -83,7 +170,7 @@ def _residual(unit: nn.Module, x: torch.Tensor, pending: torch.Tensor | None) ->
     but carried to the next ELU, which adds them on the way (one pass fewer).
     """
     _, dilated, _, pointwise = unit.block
-    h = _conv(dilated, cpu_native.elu(x, bias=pending))[: x.shape[0]]
+    h = _conv(dilated, cpu_native.elu(x, bias=pending), plan)[: x.shape[0]]
     cpu_native.elu(h, inplace=True)
     return x.addmm_(h, pointwise.weight[:, :, 0].t())
 
@@ -97,43 +184,59 @@ def _tail(strides: tuple[int, ...], dilation: int = 9) -> int:
 
 @torch.inference_mode()
 def encode_latents(encoder: nn.Module, wav: torch.Tensor, hop: int,
-                   strides: tuple[int, ...]) -> torch.Tensor:
-    """float[B, 1, N] (N a multiple of ``hop``) -> float[B, D, N / hop], as ``encoder(wav)``."""
+                   strides: tuple[int, ...], plan: Plan | None = None) -> torch.Tensor:
+    """float[B, 1, N] (N a multiple of ``hop``) -> float[B, D, N / hop], as ``encoder(wav)``.
+
+    ``plan`` picks each convolution's layout (default: ``DEFAULT``'s).
+    """
     keep_freed_memory()
     frames = wav.shape[-1] // hop
     out = []
     with parametrize.cached():
         for item in wav[:, 0]:
             x = F.pad(item, (0, _tail(strides)))[:, None]
-            out.append(_run(encoder.net, x)[:frames].t())
+            out.append(_run(encoder.net, x, plan)[:frames].t())
     return torch.stack(out)
 
 
-def _transposed(conv: nn.ConvTranspose1d, rows: torch.Tensor) -> torch.Tensor:
+def _transposed(conv: nn.ConvTranspose1d, rows: torch.Tensor,
+                plan: Plan | None = None) -> torch.Tensor:
     """A CausalConvTranspose1d (kernel 2s, stride s) on rows [L, C_in] -> rows [L * s, C_out].
 
     Output sample j*s + r is x[j] @ W[:, :, r] + x[j-1] @ W[:, :, s + r]: a causal k=2
-    convolution over input frames with s * C_out channels, phase-major.
+    convolution over input frames with s * C_out channels, phase-major, run as a
+    [1, L] image convolution ("line") or as two matrix products ("frames").
     """
     s, w = conv.stride[0], conv.weight  # w: (C_in, C_out, 2s)
     if conv.kernel_size[0] != 2 * s:
         raise ValueError(f"transposed conv of kernel {conv.kernel_size[0]}, stride {s}: "
                          "the CPU path handles kernel = 2 x stride only")
     c_in, c_out = w.shape[0], w.shape[1]
-    taps = w.view(c_in, c_out, 2, s).permute(3, 1, 0, 2).reshape(s * c_out, c_in, 2)
-    weight = taps.flip(-1)[:, :, None].contiguous(memory_format=CHANNELS_LAST)
     bias = None if conv.bias is None else conv.bias.repeat(s)
-    y = _rows(F.conv2d(_image(rows), weight, bias, padding=(0, 1)))[: rows.shape[0]]
-    return y.reshape(-1, c_out)
+
+    def line() -> torch.Tensor:
+        taps = w.view(c_in, c_out, 2, s).permute(3, 1, 0, 2).reshape(s * c_out, c_in, 2)
+        weight = taps.flip(-1)[:, :, None].contiguous(memory_format=CHANNELS_LAST)
+        return _rows(F.conv2d(_image(rows), weight, bias, padding=(0, 1)))[: rows.shape[0]]
+
+    def frames() -> torch.Tensor:
+        cur = w[:, :, :s].permute(0, 2, 1).reshape(c_in, s * c_out)
+        prev = w[:, :, s:].permute(0, 2, 1).reshape(c_in, s * c_out)
+        y = rows @ cur if bias is None else torch.addmm(bias, rows, cur)
+        y[1:].addmm_(rows[:-1], prev)
+        return y
+
+    key = f"transposed {c_in}>{c_out} s{s}"
+    return (plan or DEFAULT).run(key, {"line": line, "frames": frames}).reshape(-1, c_out)
 
 
-def _run(net: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+def _run(net: nn.Sequential, x: torch.Tensor, plan: Plan | None = None) -> torch.Tensor:
     from cantus.tokenize.codec.model import ResidualUnit
 
     pending = None  # biases of residual units not yet added to x (see _residual)
     for layer in net:
         if isinstance(layer, ResidualUnit):
-            x = _residual(layer, x, pending)
+            x = _residual(layer, x, pending, plan)
             b = layer.block[3].bias
             if b is not None:
                 pending = b if pending is None else pending + b
@@ -143,17 +246,108 @@ def _run(net: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
         else:
             if pending is not None:
                 x = x.add_(pending)
-            x = _transposed(layer, x) if isinstance(layer, nn.ConvTranspose1d) else _conv(layer, x)
+            conv = _transposed if isinstance(layer, nn.ConvTranspose1d) else _conv
+            x = conv(layer, x, plan)
         pending = None
     return x if pending is None else x.add_(pending)
 
 
 @torch.inference_mode()
-def decode_waveform(decoder: nn.Module, latents: torch.Tensor, hop: int) -> torch.Tensor:
-    """float[B, D, T] -> float[B, 1, T * hop], as ``decoder(latents)``."""
+def decode_waveform(decoder: nn.Module, latents: torch.Tensor, hop: int,
+                    plan: Plan | None = None) -> torch.Tensor:
+    """float[B, D, T] -> float[B, 1, T * hop], as ``decoder(latents)`` (``plan``: as encode_latents)."""
     keep_freed_memory()
     out = []
     with parametrize.cached():
         for item in latents:
-            out.append(_run(decoder.net, item.t().contiguous())[: item.shape[-1] * hop].t())
+            out.append(_run(decoder.net, item.t().contiguous(), plan)[: item.shape[-1] * hop].t())
     return torch.stack(out)
+
+
+@dataclass
+class Choice:
+    """What ``SoundStream.encode`` or ``decode`` runs on CPU: ``path`` ``"cpu"`` (this
+    module, with ``plan``) or ``"forward"`` (the modules' own), and the measured seconds."""
+    path: str
+    plan: Plan
+    seconds: dict[str, float] | None = None
+
+
+_chosen: dict[str, Choice] = {}
+TUNE_FRAMES = 500  # at most 10 s of 24 kHz audio (or 500 latent frames) is timed
+
+
+def _key(cfg: object, direction: str, frames: int) -> str:
+    """The machine, kernels, torch, thread count, model config and input size (a power of
+    two of frames) a choice holds for."""
+    parts = [json.dumps(asdict(cfg), sort_keys=True), torch.__version__, cpu_native._cpu_flags(),
+             torch.backends.cpu.get_cpu_capability(), os.environ.get("ONEDNN_MAX_CPU_ISA", ""),
+             str(torch.get_num_threads()), str(cpu_native.available()), direction,
+             str(max(0, frames - 1).bit_length()), "v1"]
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
+
+
+@torch.inference_mode()
+def measure(model: nn.Module, direction: str, x: torch.Tensor, compare: bool = True) -> Choice:
+    """Tune a ``Plan`` on the input ``x`` (float[B, 1, N] audio to encode, float[B, D, T]
+    latents to decode; its first item, at most ``TUNE_FRAMES`` frames) and, if ``compare``,
+    time this path against the modules' forward on it: the faster wins."""
+    cfg = model.cfg
+    if direction == "encode":
+        x = x[:1, :, : TUNE_FRAMES * cfg.hop]
+        run = lambda plan: encode_latents(model.encoder, x, cfg.hop, cfg.strides, plan)  # noqa: E731
+        forward = lambda: model.encoder(x)  # noqa: E731
+    else:
+        x = x[:1, :, :TUNE_FRAMES]
+        run = lambda plan: decode_waveform(model.decoder, x, cfg.hop, plan)  # noqa: E731
+        forward = lambda: model.decoder(x)  # noqa: E731
+    plan = Plan(tune=True)
+    run(plan)
+    plan.tune = False
+    if not compare:
+        return Choice("cpu", plan)
+    seconds = {"cpu": _timed(lambda: run(plan), enough=0.2)[0],
+               "forward": _timed(forward, enough=0.2)[0]}
+    return Choice(min(seconds, key=seconds.get), plan, seconds)
+
+
+def choose(model: nn.Module, direction: str, x: torch.Tensor) -> Choice:
+    """The CPU inference path for ``direction`` (``"encode"``/``"decode"``) of a SoundStream
+    ``model`` on this machine, for inputs the size of ``x`` (as ``measure``'s).
+
+    ``CANTUS_CODEC_PATH=cpu|forward`` forces one; ``auto`` (the default) measures once per
+    machine, kernels, torch version, thread count, model config and power of two of input
+    frames (the first call runs each layer's layouts and the forward: 3-5 times one call),
+    cached in ``~/.cache/cantus`` (or ``$CANTUS_CACHE``) and per process. Each choice is
+    logged once per process.
+    """
+    forced = os.environ.get("CANTUS_CODEC_PATH", "auto")
+    if forced not in (*PATHS, "auto"):
+        raise ValueError(f"CANTUS_CODEC_PATH must be one of cpu, forward, auto; got {forced!r}")
+    if forced == "forward":
+        return Choice("forward", DEFAULT)
+    frames = x.shape[-1] // model.cfg.hop if direction == "encode" else x.shape[-1]
+    key = _key(model.cfg, direction, min(frames, TUNE_FRAMES))
+    if key not in _chosen:
+        cache = Path(os.environ.get("CANTUS_CACHE", Path.home() / ".cache" / "cantus"))
+        file = cache / f"codec_path-{key}.json"
+        try:
+            saved = json.loads(file.read_text())
+            choice = Choice(saved["path"], Plan(saved["plan"]), saved["seconds"])
+        except (OSError, ValueError, KeyError, TypeError):
+            choice = measure(model, direction, x, compare=forced == "auto")
+            if forced == "auto":
+                try:
+                    cache.mkdir(parents=True, exist_ok=True)
+                    with tempfile.NamedTemporaryFile("w", dir=cache, delete=False) as f:
+                        json.dump({"path": choice.path, "plan": choice.plan.choice,
+                                   "seconds": choice.seconds}, f)
+                    os.replace(f.name, file)
+                except OSError as e:
+                    log.warning("could not cache the codec path choice in %s: %s", cache, e)
+        _chosen[key] = choice
+        log.info("codec %s on CPU (%s, %d threads, ~%d frames): %s path%s", direction,
+                 torch.backends.cpu.get_cpu_capability(), torch.get_num_threads(), frames,
+                 choice.path, f" (measured s: {choice.seconds})" if choice.seconds else "")
+    choice = _chosen[key]
+    return Choice("cpu", choice.plan) if forced == "cpu" else choice

@@ -247,8 +247,9 @@ class SoundStream(nn.Module):
                n_q: int | None = None) -> torch.Tensor:
         """float[B, N] (or [B, 1, N]) -> uint16[B, n_q, ceil(N / hop)] acoustic tokens."""
         x = self._prepare(wav, sample_rate).to(self._device())
-        if x.device.type == "cpu" and not torch.is_autocast_enabled("cpu"):
-            z = codec_cpu.encode_latents(self.encoder, x, self.cfg.hop, self.cfg.strides)
+        if (x.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
+                and (how := codec_cpu.choose(self, "encode", x)).path == "cpu"):
+            z = codec_cpu.encode_latents(self.encoder, x, self.cfg.hop, self.cfg.strides, how.plan)
         else:
             z = self.encoder(x)
         # Nearest codes in float32 whatever the caller's autocast (as forward does): under
@@ -269,8 +270,9 @@ class SoundStream(nn.Module):
         codes = codes.to(torch.int32).long().to(self._device())
         with torch.autocast(codes.device.type, enabled=False):
             q = self.quantizer.decode(codes)
-        if q.device.type == "cpu" and not torch.is_autocast_enabled("cpu"):
-            return codec_cpu.decode_waveform(self.decoder, q, self.cfg.hop)[:, 0]
+        if (q.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
+                and (how := codec_cpu.choose(self, "decode", q)).path == "cpu"):
+            return codec_cpu.decode_waveform(self.decoder, q, self.cfg.hop, how.plan)[:, 0]
         return self.decoder(q)[:, 0].float()
 
     def _device(self) -> torch.device:
