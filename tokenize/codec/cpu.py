@@ -273,17 +273,17 @@ class Choice:
     seconds: dict[str, float] | None = None
 
 
-_chosen: dict[str, Choice] = {}
+_chosen: dict[tuple, Choice] = {}  # per process: (config, threads, direction, size) -> choice
 TUNE_FRAMES = 500  # at most 10 s of 24 kHz audio (or 500 latent frames) is timed
 
 
-def _key(cfg: object, direction: str, frames: int) -> str:
-    """The machine, kernels, torch, thread count, model config and input size (a power of
-    two of frames) a choice holds for."""
+def _key(cfg: object, direction: str, size: int) -> str:
+    """The machine, kernels, torch, thread count, model config and input size (``size``:
+    frames up to a power of two) a choice holds for, as a file name's hash."""
     parts = [json.dumps(asdict(cfg), sort_keys=True), torch.__version__, cpu_native._cpu_flags(),
              torch.backends.cpu.get_cpu_capability(), os.environ.get("ONEDNN_MAX_CPU_ISA", ""),
              str(torch.get_num_threads()), str(cpu_native.available()), direction,
-             str(max(0, frames - 1).bit_length()), "v1"]
+             str(size), "v1"]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
 
 
@@ -327,10 +327,11 @@ def choose(model: nn.Module, direction: str, x: torch.Tensor) -> Choice:
     if forced == "forward":
         return Choice("forward", DEFAULT)
     frames = x.shape[-1] // model.cfg.hop if direction == "encode" else x.shape[-1]
-    key = _key(model.cfg, direction, min(frames, TUNE_FRAMES))
-    if key not in _chosen:
+    size = max(0, min(frames, TUNE_FRAMES) - 1).bit_length()
+    memo = (repr(model.cfg), torch.get_num_threads(), direction, size)
+    if memo not in _chosen:  # the machine's part of the key is read once per process here
         cache = Path(os.environ.get("CANTUS_CACHE", Path.home() / ".cache" / "cantus"))
-        file = cache / f"codec_path-{key}.json"
+        file = cache / f"codec_path-{_key(model.cfg, direction, size)}.json"
         try:
             saved = json.loads(file.read_text())
             choice = Choice(saved["path"], Plan(saved["plan"]), saved["seconds"])
@@ -345,9 +346,9 @@ def choose(model: nn.Module, direction: str, x: torch.Tensor) -> Choice:
                     os.replace(f.name, file)
                 except OSError as e:
                     log.warning("could not cache the codec path choice in %s: %s", cache, e)
-        _chosen[key] = choice
+        _chosen[memo] = choice
         log.info("codec %s on CPU (%s, %d threads, ~%d frames): %s path%s", direction,
                  torch.backends.cpu.get_cpu_capability(), torch.get_num_threads(), frames,
                  choice.path, f" (measured s: {choice.seconds})" if choice.seconds else "")
-    choice = _chosen[key]
+    choice = _chosen[memo]
     return Choice("cpu", choice.plan) if forced == "cpu" else choice
