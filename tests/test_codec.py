@@ -81,7 +81,8 @@ def test_cpu_inference_path_equals_the_modules(size):
                 ref_wav = model.decoder(ref)
                 out = codec_cpu.decode_waveform(model.decoder, ref, cfg.hop, plan)
                 assert out.shape == ref_wav.shape == (batch, 1, frames * cfg.hop)
-                assert torch.allclose(out, ref_wav, atol=1e-5, rtol=1e-4), (out - ref_wav).abs().max()
+                err = (out - ref_wav).abs().max()
+                assert torch.allclose(out, ref_wav, atol=1e-5, rtol=1e-4), err
     # encode/decode take the CPU path; their codes match the modules' codes
     wav = 0.1 * torch.randn(2, 40 * cfg.hop)
     codes = model.encode(wav)

@@ -255,7 +255,10 @@ def _run(net: nn.Sequential, x: torch.Tensor, plan: Plan | None = None) -> torch
 @torch.inference_mode()
 def decode_waveform(decoder: nn.Module, latents: torch.Tensor, hop: int,
                     plan: Plan | None = None) -> torch.Tensor:
-    """float[B, D, T] -> float[B, 1, T * hop], as ``decoder(latents)`` (``plan``: as encode_latents)."""
+    """float[B, D, T] -> float[B, 1, T * hop], as ``decoder(latents)``.
+
+    ``plan``: as ``encode_latents``'s.
+    """
     keep_freed_memory()
     out = []
     with parametrize.cached():
@@ -295,7 +298,8 @@ def measure(model: nn.Module, direction: str, x: torch.Tensor, compare: bool = T
     cfg = model.cfg
     if direction == "encode":
         x = x[:1, :, : TUNE_FRAMES * cfg.hop]
-        run = lambda plan: encode_latents(model.encoder, x, cfg.hop, cfg.strides, plan)  # noqa: E731
+        run = lambda plan: encode_latents(  # noqa: E731
+            model.encoder, x, cfg.hop, cfg.strides, plan)
         forward = lambda: model.encoder(x)  # noqa: E731
     else:
         x = x[:1, :, :TUNE_FRAMES]
