@@ -86,7 +86,26 @@ def main(argv: list[str] | None = None) -> int:
         print(e, file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[name][0])
-    return module.main(rest) or 0
+    code = module.main(rest) or 0
+    if name == "dataset":
+        end_now(code)
+    return code
+
+
+def end_now(code: int) -> None:
+    """Flush and end the process at once, skipping the interpreter's teardown.
+
+    After reading revisions through ``dvc.api.DVCFileSystem`` (remote fetches,
+    thread pools of dvc and fsspec), the teardown at exit sometimes aborts
+    (``terminate called without an active exception``, SIGABRT) after the
+    command has done its work and printed it; a command line must not then
+    report failure.
+    """
+    import os
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

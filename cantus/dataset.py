@@ -419,4 +419,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from cantus.cli import end_now
+
+    end_now(main())
