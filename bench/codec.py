@@ -100,13 +100,6 @@ def cpu_times(model: SoundStream, enc: torch.nn.Module | None, seconds: float,
     return best_times(fns, rounds) | {"first_calls": first}
 
 
-def cpu_kind() -> str:
-    k = kernels.active()
-    capped = sorted(v for v in kernels.CAPS["avx2"] if v in os.environ)
-    caps = f"caps set: {' '.join(f'{v}={os.environ[v]}' for v in capped)}" if capped else "no caps"
-    return f"ATen {k['aten']}, oneDNN {k['onednn']}, {os.cpu_count()} cores, {caps}"
-
-
 def gpu_throughput(model: SoundStream, seconds: float, batch: int = 64) -> dict[str, float]:
     model = model.cuda()
     wav = torch.randn(batch, int(seconds * model.cfg.sample_rate), device="cuda") * 0.1
@@ -134,7 +127,7 @@ def main() -> None:
     args = p.parse_args()
     threads = torch.get_num_threads()  # restored for the GPU part
     torch.set_num_threads(1)
-    print(cpu_kind())
+    print(kernels.describe())
     print(f"one CPU thread, {args.seconds:g} s of 24 kHz audio, 6 kbps (12 x 1024), "
           f"best of {args.rounds}, interleaved; CANTUS_CODEC_PATH="
           f"{os.environ.get('CANTUS_CODEC_PATH', 'auto')}")

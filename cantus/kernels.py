@@ -81,6 +81,36 @@ def active() -> dict[str, str]:
             "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE", "(unset)")}
 
 
+def cpu_model() -> str:
+    """The CPU's model name and widest vector extension, from /proc/cpuinfo where there is one."""
+    import platform
+
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    name = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                    break
+    except OSError:
+        pass
+    isa = ("AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags
+           else "no AVX2" if flags else "ISA unknown")
+    return f"{name} ({isa})"
+
+
+def describe() -> str:
+    """One line for a bench's output: the CPU, the cores, the kernels in force and any caps."""
+    k = active()
+    capped = sorted(v for v in CAPS["avx2"] if v in os.environ)
+    caps = f"caps set: {' '.join(f'{v}={os.environ[v]}' for v in capped)}" if capped else "no caps"
+    return (f"CPU {cpu_model()}, {os.cpu_count()} cores; runs ATen {k['aten']}, "
+            f"oneDNN {k['onednn']}, faiss {k['faiss']}; {caps}")
+
+
 def check(cap: str, seen: dict[str, str]) -> list[str]:
     """What in ``seen`` (from ``active``) does not show the cap ``cap``; empty when it took."""
     want = EXPECT[cap]
