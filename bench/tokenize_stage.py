@@ -14,6 +14,16 @@ audio shards, rewritten into shards of 4) and the same trained demo models:
 - with CUDA: the three fields with one GPU actor each, as audio-hours
   tokenized per GPU-hour.
 
+``--paper`` measures instead each field's tokenizer at the paper sizes
+(``CodecConfig.paper()``, w2v-BERT XL 600M with K = 1024 centroids,
+``MulanModelConfig.paper()`` with a 12 x 1024 RVQ), randomly initialised (speed
+does not depend on the weights), as the stage runs them (the field's
+``encode_batch``, one thread, the codec's per-machine path warmed first):
+audio-hours per core-hour on a few seconds of audio (MuLan on one chunk of
+``ingest.chunk_seconds``: its windows overlap, so its cost per audio second
+follows the chunk length), and with CUDA audio-hours per GPU-hour (a batch of
+clips), beside the published anchors. It needs no trained models.
+
 Throughput is tokenizing time only: the loop's model loading and the
 pipeline's start-up (actor processes importing torch and transformers, then
 loading their model: ~3-10 s per field, paid once per stage however large the
@@ -23,6 +33,7 @@ so the machine's drift hits them alike. Run ``dvc repro tokenize_pack`` first so
 the models exist.
 
     python bench/tokenize_stage.py [--chunks 48] [--repeat 3]
+    python bench/tokenize_stage.py --paper [--seconds 4] [--repeat 3]
 """
 
 from __future__ import annotations
@@ -170,10 +181,125 @@ def gpu_report(work: Path, secs: float) -> None:
           f"{up:.1f} s start-up); demo models, a small input: a lower bound")
 
 
+# Published figures to read the paper-size ones against (audio-hours per core- or GPU-hour).
+ANCHORS = {
+    ("acoustic", "cpu"): "EnCodec 24 kHz: 9.8x real time on one CPU thread (EnCodec, Table 5)",
+    ("acoustic", "gpu"): "SoundStorm's LibriLight preparation: ~145-290 (codec tokens)",
+    ("semantic", "gpu"): "SoundStorm's LibriLight preparation: ~500-1,150 (HuBERT + k-means)",
+}
+
+
+def paper_field(field: str, device: str):
+    """(encode_batch over 1-D float32 clips, input sample rate) of one field's tokenizer at
+    the paper size, randomly initialised: the stage's own classes, with the model built
+    here instead of loaded from a folder."""
+    import numpy as np
+    import torch
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    if field == "acoustic":
+        from cantus.tokenize.codec.model import CodecConfig, SoundStream
+        from cantus.tokenize.codec.tokenizer import AcousticTokens
+
+        tok = AcousticTokens.__new__(AcousticTokens)
+        tok.model = SoundStream(CodecConfig.paper()).to(device).eval()
+        tok.sample_rate, tok.batch_size = tok.model.cfg.sample_rate, 8
+        return tok.encode_batch, tok.sample_rate
+    if field == "semantic":
+        from cantus.tokenize.semantic import model as sm
+        from cantus.tokenize.semantic.kmeans import Codebook, SemanticTokenizer
+
+        tok = SemanticTokenizer.__new__(SemanticTokenizer)
+        # layer 0: the 7th layer of the MLM module, as semantic.kmeans.layer 0 picks
+        tok.extractor = sm.FeatureExtractor(sm.build("paper").to(device).eval(), 0, 25)
+        d = tok.extractor.dim
+        tok.codebook = Codebook(rng.standard_normal((1024, d)).astype(np.float32),
+                                np.zeros(d, np.float32), np.ones(d, np.float32), device)
+        return (lambda wavs: tok.encode_batch(wavs, sm.SAMPLE_RATE)), sm.SAMPLE_RATE
+    from cantus.tokenize.mulan.model import Mulan
+    from cantus.tokenize.mulan.params import MulanModelConfig
+    from cantus.tokenize.mulan.rvq import MulanTokenizer, ResidualKMeans
+
+    cfg = MulanModelConfig.paper()
+    books = rng.standard_normal((12, 1024, cfg.embed_dim)).astype(np.float32)
+    tok = MulanTokenizer(Mulan(cfg, text=False).to(device), ResidualKMeans(books))
+    return (lambda wavs: [tok(w) for w in wavs]), cfg.sample_rate
+
+
+def paper_clip(seconds: float, rate: int, seed: int) -> np.ndarray:
+    """A chord with a little noise: float32[seconds x rate]."""
+    import numpy as np
+
+    t = np.arange(int(seconds * rate)) / rate
+    rng = np.random.default_rng(seed)
+    x = sum(np.sin(2 * np.pi * f * t) for f in (220.0, 277.2, 329.6)) / 4
+    return (x + 0.01 * rng.standard_normal(t.size)).astype(np.float32)
+
+
+def time_field(field: str, device: str, seconds: float, clips: int, repeat: int) -> float:
+    """Best wall seconds of tokenizing ``clips`` clips of ``seconds`` (after one warm-up
+    call: the codec tunes its CPU path on its first call)."""
+    import torch
+
+    encode, rate = paper_field(field, device)
+    wavs = [paper_clip(seconds, rate, i) for i in range(clips)]
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    encode(wavs[:1])
+    sync()
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        encode(wavs)
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def paper_report(seconds: float, repeat: int) -> None:
+    """Paper-size throughput of each field: one CPU thread, and one GPU when CUDA is here."""
+    import gc
+
+    import torch
+
+    from cantus.config import load_section
+    from cantus.ingest.params import IngestConfig
+
+    chunk = load_section(ROOT / "params.yaml", "ingest", IngestConfig).chunk_seconds
+    lengths = {"acoustic": seconds, "semantic": seconds, "mulan": chunk}
+    torch.set_num_threads(1)
+    print(f"paper-size tokenizers, random init; one CPU thread; best of {repeat}; "
+          f"acoustic and semantic on {seconds:g} s, MuLan on one {chunk:g} s chunk "
+          "(windows of 10 s at 1 s stride)")
+    print(f"{'field':10}{'audio s':>9}{'wall s':>9}{'audio-h per core-h':>20}   published anchor")
+    for field, secs in lengths.items():
+        wall = time_field(field, "cpu", secs, 1, repeat)
+        print(f"{field:10}{secs:9.1f}{wall:9.2f}{secs / wall:20.1f}   "
+              f"{ANCHORS.get((field, 'cpu'), '-')}")
+        gc.collect()
+    if not torch.cuda.is_available():
+        print("no CUDA device: audio-hours per GPU-hour not measured")
+        return
+    clips = 8
+    print(f"one GPU ({torch.cuda.get_device_name()}): a batch of {clips} clips per call, "
+          "float32")
+    print(f"{'field':10}{'audio s':>9}{'wall s':>9}{'audio-h per GPU-h':>20}   published anchor")
+    for field, secs in lengths.items():
+        wall = time_field(field, "cuda", secs, clips, repeat)
+        print(f"{field:10}{clips * secs:9.1f}{wall:9.3f}{clips * secs / wall:20.0f}   "
+              f"{ANCHORS.get((field, 'gpu'), '-')}")
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--chunks", type=int, default=48, help="N (the RSS check also runs 2N)")
     ap.add_argument("--repeat", type=int, default=3, help="rounds; each figure is its best")
+    ap.add_argument("--paper", action="store_true",
+                    help="paper-size tokenizers (random init), per field, instead")
+    ap.add_argument("--seconds", type=float, default=4.0,
+                    help="--paper: clip length of the acoustic and semantic fields")
     ap.add_argument("--loop-part", help=argparse.SUPPRESS)    # K/N: one plain_processes child
     ap.add_argument("--loop-folder", help=argparse.SUPPRESS)
     ap.add_argument("--loop-go", help=argparse.SUPPRESS)
@@ -182,6 +308,12 @@ def main(argv: list[str] | None = None) -> int:
         k, n = (int(v) for v in args.loop_part.split("/"))
         loaded, busy = plain_loop(Path(args.loop_folder), k, n, Path(args.loop_go))
         print(f"{loaded} {busy}")
+        return 0
+    from cantus import kernels
+
+    print(kernels.describe())
+    if args.paper:
+        paper_report(args.seconds, args.repeat)
         return 0
     missing = [m for m in MODELS.values() if not (ROOT / m).is_dir()]
     if missing:
