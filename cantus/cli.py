@@ -2,6 +2,7 @@
 
     cantus demo --out data/demo                      render the embedded demo corpus
     cantus ingest --source DIR --out DIR             sources -> audio shards
+    cantus add-source ~/music                        a folder -> data/sources/music (DVC)
     cantus tokenize acoustic --audio ... --codec ... audio shards -> one field's tokens
     cantus train --stage coarse --tokens ...         train one LM stage
     cantus generate "a fast Irish reel on fiddle" --seconds 10 --out reel.wav
@@ -23,6 +24,8 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("cantus.ingest.demo", "render the demo corpus from music21 scores"),
     "ingest": ("cantus.ingest.run", "decode, clean, chunk and shard audio sources"),
+    "add-source": ("cantus.ingest.add_source",
+                   "bring a folder or list outside the repo under DVC as a source"),
     "codec train": ("cantus.tokenize.codec.train", "train the SoundStream codec"),
     "codec eval": ("cantus.tokenize.codec.evaluate", "score the codec beside Opus"),
     "semantic pretrain": ("cantus.tokenize.semantic.pretrain", "pretrain w2v-BERT"),

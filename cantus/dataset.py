@@ -6,9 +6,10 @@ and the token tables (``data/tokens/manifest.json``, ``index.parquet``,
 revision of a repository with a DVC remote (nothing is recomputed; a fresh
 clone without a cache reads from the remote). Comes out: summaries (tracks,
 chunks and hours per split, rejects by reason, licences, tokenizer
-identities), the difference of two versions (tracks added and removed), the
-dataset card the ``dataset_card`` stage writes, and the token samples of a
-version (``open_version``).
+identities, and the version id, ``cantus.dataset_version``, that a trained LM
+stage records and ``cantus generate`` prints), the difference of two versions
+(tracks added and removed), the dataset card the ``dataset_card`` stage writes,
+and the token samples of a version (``open_version``).
 
     cantus dataset show [--rev REV] [--repo PATH]
     cantus dataset diff REV_A REV_B [--repo PATH]
@@ -33,6 +34,7 @@ import pyarrow.parquet as pq
 
 from cantus import shards
 from cantus.config import ConfigError, read_params
+from cantus.dataset_version import dataset_version
 from cantus.tokens import ManifestMismatch, _diff, iter_token_samples
 
 AUDIO, TOKENS = "data/audio", "data/tokens"
@@ -90,17 +92,19 @@ def _table(data: bytes | None) -> pa.Table | None:
 
 def load_version(read: Reader, where: str) -> dict[str, Any]:
     """The tables of one version: ``{"manifest", "rejects", "token_manifest",
-    "token_index", "token_rejects"}`` (the token ones None if absent).
-    FileNotFoundError naming ``where`` when it has no audio manifest."""
+    "token_index", "token_rejects", "version"}`` (the token ones and the version id None
+    without token tables). FileNotFoundError naming ``where`` when it has no audio
+    manifest."""
     manifest = _table(read(f"{AUDIO}/manifest.parquet"))
     if manifest is None:
         raise FileNotFoundError(f"{where}: no {AUDIO}/manifest.parquet (not a dataset version?)")
-    tm = read(f"{TOKENS}/manifest.json")
+    tm, index = read(f"{TOKENS}/manifest.json"), read(f"{TOKENS}/index.parquet")
     return {"manifest": manifest.select(list(_MANIFEST_COLS)),
             "rejects": _table(read(f"{AUDIO}/rejects.parquet")),
             "token_manifest": None if tm is None else json.loads(tm),
-            "token_index": _table(read(f"{TOKENS}/index.parquet")),
-            "token_rejects": _table(read(f"{TOKENS}/rejects.parquet"))}
+            "token_index": _table(index),
+            "token_rejects": _table(read(f"{TOKENS}/rejects.parquet")),
+            "version": None if tm is None or index is None else dataset_version(tm, index)}
 
 
 # --- summaries ---------------------------------------------------------------------------
@@ -158,8 +162,9 @@ def _by_reason(table: pa.Table | None) -> dict[str, int]:
 def summarize(version: Mapping[str, Any]) -> dict[str, Any]:
     """A version's tables (``load_version``) -> its summary: ``splits`` (tracks, chunks,
     hours each), ``total``, ``licences`` (tracks and chunks each, and whether it is
-    non-commercial), ``sources``, ``rejects`` (ingest and token, by reason) and ``tokens``
-    (the tokenizer identities and chunks/hours per split; None without token tables)."""
+    non-commercial), ``sources``, ``rejects`` (ingest and token, by reason), ``tokens``
+    (the tokenizer identities and chunks/hours per split; None without token tables) and
+    ``version`` (the id a trained LM stage records; None without token tables)."""
     tr = tracks(version["manifest"])
     splits: dict[str, dict[str, Any]] = {}
     for s in sorted({t["split"] for t in tr.values()}):
@@ -187,7 +192,7 @@ def summarize(version: Mapping[str, Any]) -> dict[str, Any]:
             "sources": sources(version["manifest"]),
             "rejects": {"ingest": _by_reason(version["rejects"]),
                         "tokens": _by_reason(version["token_rejects"])},
-            "tokens": tokens}
+            "tokens": tokens, "version": version.get("version")}
 
 
 def diff(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
@@ -216,7 +221,13 @@ def _split_lines(s: Mapping[str, Any]) -> list[str]:
 
 def show_text(s: Mapping[str, Any], where: str) -> str:
     """A summary as the text ``cantus dataset show`` prints."""
-    lines = [f"dataset at {where}", "splits:", *_split_lines(s), "licences:"]
+    lines = [f"dataset at {where}",
+             f"version: {s['version'] or 'none (no token tables)'}  (the id a trained LM stage "
+             "records and `cantus generate` prints)",
+             "sources:"]
+    lines += [f"  {v['kind']:<9} {v['source']}  {v['tracks']} tracks {v['chunks']} chunks  "
+              f"sha256 {v['sha256'][:16]}" for v in s["sources"]]
+    lines += ["splits:", *_split_lines(s), "licences:"]
     lines += [f"  {v['tracks']:>6} tracks {v['chunks']:>7} chunks  {name}"
               + ("  [non-commercial]" if v["non_commercial"] else "")
               for name, v in s["licences"].items()]
@@ -235,7 +246,8 @@ def show_text(s: Mapping[str, Any], where: str) -> str:
 
 def diff_text(d: Mapping[str, Any], rev_a: str, rev_b: str) -> str:
     """A diff as the text ``cantus dataset diff`` prints."""
-    lines = [f"dataset {rev_a} -> {rev_b}"]
+    lines = [f"dataset {rev_a} -> {rev_b}",
+             f"  version {d['a']['version'] or 'none'} -> {d['b']['version'] or 'none'}"]
     for name in sorted(set(d["a"]["splits"]) | set(d["b"]["splits"]) | {"total"}):
         va = d["a"]["total"] if name == "total" else d["a"]["splits"].get(name, {})
         vb = d["b"]["total"] if name == "total" else d["b"]["splits"].get(name, {})
@@ -292,6 +304,8 @@ def card_markdown(c: Mapping[str, Any]) -> str:
     """The card as DATASET.md."""
     out = ["# Dataset card", "",
            f"Made by git revision `{c['git_revision'] or 'unknown (not a git checkout)'}`.", "",
+           f"Dataset version `{c['version'] or 'none (no token tables)'}`: the id a trained "
+           "LM stage records in its `config.json` and `cantus generate` prints.", "",
            "## Splits", "", "| split | tracks | chunks | hours |", "|---|---:|---:|---:|"]
     out += [f"| {k} | {v['tracks']} | {v['chunks']} | {v['hours']:.4f} |"
             for k, v in [*c["splits"].items(), ("total", c["total"])]]

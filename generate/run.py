@@ -20,7 +20,10 @@ MuLan tokens come from the text if one is given, else from the audio.
 
 The models are checked against each other: every LM stage records the
 tokenizer hashes of the shards it was trained on, and a codec or MuLan that
-differs is refused, naming the model.
+differs is refused, naming the model. Each stage also records the dataset
+version it was trained on (``cantus.dataset_version``); the command prints it,
+and the real-time factor of the generation (seconds of audio made per second of
+wall time, as ``metrics/generate.json`` has it).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -151,6 +155,9 @@ class Generator:
         self.sample_rate = self.codec.cfg.sample_rate
         self._semantic_tok = None
         self._check_tokenizers()
+        # stage -> the dataset version its LM saw (None: trained before stages recorded it)
+        self.dataset_versions = {s: read_config(self.paths[f"{s}_lm"]).get("dataset_version")
+                                 for s in self.stages}
 
     def _local(self, name: str, what: str) -> str:
         """The local folder of model ``name`` (fetched once if a URL), kept in ``paths``."""
@@ -276,6 +283,18 @@ class Generator:
                            cfg.seed if seed is None else seed, known)
 
 
+def trained_on(versions: dict[str, str | None]) -> str:
+    """The line naming the dataset version the LM stages were trained on."""
+    ids = set(versions.values())
+    if ids == {None}:
+        return "dataset version: not recorded (LM stages trained before they recorded it)"
+    if len(ids) == 1:
+        return (f"trained on dataset version {ids.pop()} "
+                "(`cantus dataset show` prints that id and the sources of a version)")
+    return "LM stages trained on different dataset versions: " + ", ".join(
+        f"{s} {v or 'not recorded'}" for s, v in versions.items())
+
+
 def write_wavs(wavs: np.ndarray, rate: int, out: str | Path) -> list[Path]:
     """One WAV per row: ``out`` itself for one row, ``stem-<i>.wav`` beside it for more."""
     import soundfile as sf
@@ -347,11 +366,13 @@ def main(argv: list[str] | None = None) -> int:
         else:
             audio, rate = prompt_audio(args.cont)
         gen = Generator(model_paths(args.models), resolve_device(args.device or cfg.device))
+        started = time.perf_counter()
         if args.cont:
             wavs = gen.continue_audio(audio, rate, cfg, args.seconds,
                                       " ".join(args.prompt) or None, args.samples, args.seed)
         else:
             wavs = gen.generate(args.prompt, cfg, args.seconds, args.samples, args.seed)
+        wall = time.perf_counter() - started
     except (ValueError, FileNotFoundError) as e:
         from cantus.config import ConfigError
 
@@ -359,6 +380,10 @@ def main(argv: list[str] | None = None) -> int:
         p.exit(2, f"cantus generate: {what}: {e}\n")
     for path in write_wavs(wavs, gen.sample_rate, args.out):
         print(path)
+    print(trained_on(gen.dataset_versions))
+    audio_s = wavs.shape[0] * wavs.shape[1] / gen.sample_rate
+    print(f"generated {audio_s:.1f} s of audio in {wall:.1f} s: real-time factor "
+          f"{audio_s / max(wall, 1e-9):.2f} (audio seconds per wall second)")
     return 0
 
 

@@ -1,15 +1,19 @@
 """Hyperparameter dataclasses of the ingest stage (sections ``demo`` and ``ingest``).
 
 Loaded from ``params.yaml`` with ``cantus.config.load_section``; every key is
-required and unknown keys are rejected by name.
+required (but a source entry's ``captions``) and unknown keys are rejected by name,
+``ingest.sources[1].kind`` for an entry of the sources list.
 """
 
 from __future__ import annotations
 
 import urllib.parse
 from dataclasses import dataclass
+from typing import Literal
 
 from cantus.config import ConfigError
+
+SOURCE_KINDS = ("folder", "glob", "url_list", "musiccaps_csv")
 
 
 def _require(ok: bool, key: str, why: str) -> None:
@@ -73,9 +77,30 @@ class DownloadConfig:
 
 
 @dataclass(frozen=True)
+class SourceConfig:
+    """One entry of ``ingest.sources``. Relative paths are taken from the working directory
+    (the repository root under DVC); DVC tracks the content of ``data/demo`` and
+    ``data/sources`` (``cantus add-source``) only."""
+
+    kind: Literal["folder", "glob", "url_list", "musiccaps_csv"]
+    path: str                 # folder (recursive), glob pattern, URL list or MusicCaps CSV
+    captions: str = ""        # captions table (.csv/.jsonl, paths relative to it); "" for none
+
+    def check(self, key: str) -> None:
+        """ConfigError naming ``key.path`` / ``key.captions`` (``key``: ``ingest.sources[i]``)."""
+        _require(self.path.strip() != "", f"{key}.path", "must not be empty")
+        if self.captions:
+            _require(self.kind in ("folder", "glob"), f"{key}.captions",
+                     f"is for folder and glob sources; a {self.kind} carries its own captions")
+            _require(self.captions.endswith((".csv", ".jsonl")), f"{key}.captions",
+                     "must be a .csv or .jsonl table")
+
+
+@dataclass(frozen=True)
 class IngestConfig:
     """Decode, clean, chunk, de-duplicate, split and shard."""
 
+    sources: tuple[SourceConfig, ...]  # where the audio comes from (--source etc. replace it)
     seed: int
     sample_rate: int          # output rate
     min_sample_rate: int      # inputs recorded below this rate are rejected
@@ -103,6 +128,8 @@ class IngestConfig:
 
     def __post_init__(self):
         k = "ingest."
+        for i, source in enumerate(self.sources):
+            source.check(f"{k}sources[{i}]")
         _require(self.sample_rate >= 8000, k + "sample_rate", "must be at least 8000")
         _require(self.chunk_seconds > 0, k + "chunk_seconds", "must be positive")
         _require(0 < self.hop_seconds, k + "hop_seconds", "must be positive")

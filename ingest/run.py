@@ -1,8 +1,9 @@
 """Ingest stage: sources -> chunked, de-duplicated WebDataset audio shards.
 
-Goes in: local folders/globs (with sidecar or table captions), URL lists and
-MusicCaps-style CSVs (downloaded with yt-dlp), and the ``ingest`` section of
-params.yaml. Comes out, under ``--out``:
+Goes in: the sources listed in ``ingest.sources`` of params.yaml (local folders/globs
+with sidecar or table captions, URL lists and MusicCaps-style CSVs downloaded with
+yt-dlp; ``--source``, ``--urls`` and ``--musiccaps`` on the command line replace the
+list) and the rest of the ``ingest`` section. Comes out, under ``--out``:
 
 - ``{split}-{NNNNNN}.tar``: one sample per chunk, ``{key}.flac`` (mono, 24 kHz)
   and ``{key}.json`` (caption, tags, source, offset, duration, licence, hashes);
@@ -12,8 +13,9 @@ params.yaml. Comes out, under ``--out``:
 
 Run it with::
 
-    python -m cantus.ingest.run --params params.yaml --source data/demo \\
-        --out data/audio --stats metrics/ingest.json
+    python -m cantus.ingest.run --params params.yaml --out data/audio \\
+        --stats metrics/ingest.json                      # the sources in params.yaml
+    python -m cantus.ingest.run --params params.yaml --source ~/music --out data/mine
 
 Per-input work is cached under ``--cache`` keyed by file content and
 processing params, and finished shards are kept, so a killed run resumes
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from collections import Counter
@@ -36,7 +39,7 @@ from cantus.config import ConfigError, load_section
 from cantus.ingest import plan as planning
 from cantus.ingest import sources, staging as stagemod
 from cantus.ingest.dedup import FingerprintSpool
-from cantus.ingest.params import IngestConfig
+from cantus.ingest.params import IngestConfig, SourceConfig
 from cantus.ingest.process import FINGERPRINT_DIM
 from cantus.parallel import init_ray, map_unordered, worker_count
 
@@ -59,7 +62,18 @@ class Inputs:
 
     def __post_init__(self):
         if not (self.local or self.urls or self.musiccaps):
-            raise ConfigError("no sources given: pass --source, --urls or --musiccaps")
+            raise ConfigError("no sources given: list them in ingest.sources or pass "
+                              "--source, --urls or --musiccaps")
+
+    @classmethod
+    def of(cls, sources: tuple[SourceConfig, ...], captions: tuple[str, ...] = ()) -> Inputs:
+        """The entries of ``ingest.sources`` (in their order), plus captions tables."""
+        def paths(*kinds: str) -> tuple[str, ...]:
+            return tuple(s.path for s in sources if s.kind in kinds)
+
+        return cls(local=paths("folder", "glob"),
+                   captions=tuple(s.captions for s in sources if s.captions) + captions,
+                   urls=paths("url_list"), musiccaps=paths("musiccaps_csv"))
 
 
 @dataclass
@@ -169,7 +183,8 @@ def _parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--params", default="params.yaml", help="params file (section 'ingest')")
     p.add_argument("--source", action="append", default=[], metavar="DIR_OR_GLOB",
-                   help="local folder (recursive) or glob of audio files; repeatable")
+                   help="local folder (recursive) or glob of audio files; repeatable. "
+                        "--source, --urls and --musiccaps replace ingest.sources")
     p.add_argument("--captions", action="append", default=[], metavar="CSV_OR_JSONL",
                    help="captions table keyed by path; repeatable")
     p.add_argument("--urls", action="append", default=[], metavar="FILE",
@@ -197,6 +212,31 @@ def _check_inputs(args: argparse.Namespace) -> None:
                 raise FileNotFoundError(f"--{flag} {path}: no such file")
 
 
+TRACKED = ("data/demo", "data/sources")  # the ingest stage's data deps in dvc.yaml
+
+
+def check_sources(sources: tuple[SourceConfig, ...]) -> None:
+    """Each entry's path (and captions table) must exist: FileNotFoundError naming
+    ``ingest.sources[i].path``, before any work (or Ray) starts. A path DVC does not
+    track (outside ``data/demo`` and ``data/sources``) is logged as a warning."""
+    import glob
+
+    for i, s in enumerate(sources):
+        key, p = f"ingest.sources[{i}]", Path(s.path)
+        ok = {"folder": p.is_dir, "url_list": p.is_file, "musiccaps_csv": p.is_file,
+              "glob": lambda: any(Path(m).is_file() for m in glob.glob(s.path, recursive=True))}
+        if not ok[s.kind]():
+            what = {"folder": "no such folder", "glob": "the glob matches no file"}
+            raise FileNotFoundError(f"{key}.path: {s.path}: {what.get(s.kind, 'no such file')}")
+        if s.captions and not Path(s.captions).is_file():
+            raise FileNotFoundError(f"{key}.captions: {s.captions}: no such file")
+        rel = os.path.normpath(s.path)
+        if p.is_absolute() or not any(rel == t or rel.startswith(t + os.sep) for t in TRACKED):
+            log.warning("%s.path: %s is outside %s, so `dvc repro` does not see changes in it; "
+                        "bring it in with `cantus add-source %s`", key, s.path,
+                        " and ".join(TRACKED), s.path)
+
+
 def _what(e: Exception) -> str:
     return "" if isinstance(e, FileNotFoundError) else "configuration error: "
 
@@ -210,8 +250,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_section(args.params, "ingest", IngestConfig)
         _check_inputs(args)
-        inputs = Inputs(tuple(args.source), tuple(args.captions), tuple(args.urls),
-                        tuple(args.musiccaps))
+        if args.source or args.urls or args.musiccaps:  # the command line replaces the list
+            inputs = Inputs(tuple(args.source), tuple(args.captions), tuple(args.urls),
+                            tuple(args.musiccaps))
+        else:
+            check_sources(cfg.sources)
+            inputs = Inputs.of(cfg.sources, tuple(args.captions))
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"cantus ingest: {_what(e)}{e}", file=sys.stderr)
         return 2

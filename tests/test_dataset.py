@@ -246,3 +246,60 @@ def test_the_card_stage_declares_the_params_it_hashes():
     stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["dataset_card"]
     assert tuple(stage["params"]) == dataset.DATA_PARAMS
     assert {"data/audio", "data/tokens"} <= set(stage["deps"]) and stage["outs"] == ["data/card"]
+
+
+# --- the dataset version a model was trained on -------------------------------------------
+
+def test_show_prints_the_version_id_of_each_revision(clone, tmp_path):
+    from cantus.dataset_version import of_folder
+
+    ids = {}
+    for tag, spec, toks in (("v1", V1, TOK1), ("v2", V2, TOK2)):
+        write_version(tmp_path / tag, spec, toks, [])  # the same token tables, bytes and all
+        ids[tag] = of_folder(str(tmp_path / tag / "data" / "tokens"))
+        p = cantus("dataset", "show", "--rev", tag, "--repo", str(clone), cwd=clone.parent)
+        assert p.returncode == 0, p.stderr
+        assert f"version: {ids[tag]}  " in p.stdout, p.stdout
+        assert "local     data/demo" in p.stdout
+    assert ids["v1"] != ids["v2"]
+    d = cantus("dataset", "diff", "v1", "v2", "--repo", str(clone), cwd=clone.parent).stdout
+    assert f"version {ids['v1']} -> {ids['v2']}" in d
+
+
+def test_a_trained_stage_records_the_version_and_generate_prints_it(tmp_path, capsys,
+                                                                      monkeypatch):
+    """The LM trainer writes the id of the token folder it read into config.json, and
+    `cantus generate` prints the ids its stages recorded, and its real-time factor."""
+    from cantus.dataset_version import of_folder
+    from cantus.generate import run as generate
+    from cantus.train.run import Inputs, run
+    from cantus.train.synthetic import write_synthetic_tokens
+    from test_lm_train import tiny_cfg
+
+    tokens = write_synthetic_tokens(tmp_path / "tokens", chunks=4, seconds=2.0, valid=1,
+                                    shards_train=1)
+    run(tiny_cfg("fine", steps=2, dedup=False), "fine",
+        Inputs(str(tokens), str(tmp_path / "ck")), tmp_path / "lm_fine")
+    version = of_folder(str(tokens))
+    assert json.loads((tmp_path / "lm_fine" / "config.json").read_text())[
+        "dataset_version"] == version
+
+    class Chain:  # the models a run of `dvc repro` leaves, as the command sees them
+        sample_rate = 100
+
+        def __init__(self, paths, device):
+            self.dataset_versions = {s: version for s in ("semantic", "coarse", "fine")}
+
+        def generate(self, prompts, cfg, seconds, samples, seed):
+            return np.zeros((2, int(seconds * self.sample_rate)), np.float32)
+
+    monkeypatch.setattr(generate, "Generator", Chain)
+    assert generate.main(["a harp piece", "--out", str(tmp_path / "x.wav"), "--seconds", "3",
+                          "--params", str(ROOT / "params.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert f"trained on dataset version {version} " in out, out
+    assert "generated 6.0 s of audio in " in out and "real-time factor " in out
+    assert generate.trained_on({"semantic": None, "coarse": None}).startswith(
+        "dataset version: not recorded")
+    assert generate.trained_on({"semantic": "a", "coarse": None}) == (
+        "LM stages trained on different dataset versions: semantic a, coarse not recorded")

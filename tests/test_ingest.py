@@ -242,3 +242,78 @@ def test_outputs_and_cache_through_an_fsspec_filesystem(tmp_path, cfg):
         assert fs.cat(f"/cantus-test/out/{name}") == data, name
     assert mem["chunks"] == local["chunks"] == 4
     fs.rm("/cantus-test", recursive=True)
+
+
+# --- ingest.sources in params.yaml ---------------------------------------------------------
+
+def _params_with(tmp_path, cfg, sources) -> str:
+    """A params file: the project's, made quick as the ``cfg`` fixture is, listing ``sources``."""
+    import yaml
+
+    from cantus.config import to_dict
+    from conftest import ROOT
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["ingest"] = {**to_dict(cfg), "sources": sources}
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return str(path)
+
+
+def test_sources_come_from_params_and_the_command_line_replaces_them(tmp_path, cfg, caplog):
+    write(tmp_path / "a" / "one.flac", melody(1, 6))
+    write(tmp_path / "b" / "x" / "two.wav", melody(2, 6))
+    write(tmp_path / "b" / "x" / "skip.flac", melody(3, 6))
+    (tmp_path / "caps.csv").write_text("path,caption\na/one.flac,a calm one\n")
+    params = _params_with(tmp_path, cfg, [
+        {"kind": "folder", "path": str(tmp_path / "a"), "captions": str(tmp_path / "caps.csv")},
+        {"kind": "glob", "path": str(tmp_path / "b" / "**" / "*.wav")}])
+    assert ingest.main(["--params", params, "--out", str(tmp_path / "o"),
+                        "--cache", str(tmp_path / "c")]) == 0
+    rows, _ = _tables(tmp_path / "o")
+    got = {os.path.basename(r["source"]): r["caption"] for r in rows}
+    assert got == {"one.flac": "a calm one", "two.wav": ""}
+    assert "is outside data/demo and data/sources" in caplog.text  # DVC would not see it
+    assert ingest.main(["--params", params, "--source", str(tmp_path / "b"), "--out",
+                        str(tmp_path / "o2"), "--cache", str(tmp_path / "c")]) == 0
+    rows, _ = _tables(tmp_path / "o2")
+    assert sorted(os.path.basename(r["source"]) for r in rows) == ["skip.flac", "two.wav"]
+
+
+@pytest.mark.parametrize("entry, says", [
+    ({"kind": "folder", "path": "{tmp}/nowhere"}, "ingest.sources[1].path: {tmp}/nowhere: "
+                                                  "no such folder"),
+    ({"kind": "glob", "path": "{tmp}/a/*.mp3"}, "ingest.sources[1].path: {tmp}/a/*.mp3: "
+                                                "the glob matches no file"),
+    ({"kind": "url_list", "path": "{tmp}/urls.txt"}, "ingest.sources[1].path: "
+                                                     "{tmp}/urls.txt: no such file"),
+    ({"kind": "folder", "path": "{tmp}/a", "captions": "{tmp}/c.csv"},
+     "ingest.sources[1].captions: {tmp}/c.csv: no such file"),
+    ({"kind": "musiccaps", "path": "{tmp}/a"}, "'ingest.sources[1].kind' must be one of"),
+])
+def test_a_bad_source_entry_exits_2_at_start_up_naming_it(tmp_path, cfg, capsys, entry, says):
+    write(tmp_path / "a" / "one.flac", melody(1, 3))
+    entry = {k: v.format(tmp=tmp_path) for k, v in entry.items()}
+    params = _params_with(tmp_path, cfg, [{"kind": "folder", "path": str(tmp_path / "a")},
+                                          entry])
+    assert ingest.main(["--params", params, "--out", str(tmp_path / "o")]) == 2
+    assert says.format(tmp=tmp_path) in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_no_sources_at_all_exits_2(tmp_path, cfg, capsys):
+    params = _params_with(tmp_path, cfg, [])
+    assert ingest.main(["--params", params, "--out", str(tmp_path / "o")]) == 2
+    assert "no sources given: list them in ingest.sources" in capsys.readouterr().err
+
+
+def test_a_source_in_params_gives_the_bytes_the_same_source_flag_gives(tmp_path, cfg):
+    src = tmp_path / "src"
+    write(src / "a.flac", melody(4, 7))
+    write(src / "b.wav", melody(5, 5))
+    params = _params_with(tmp_path, cfg, [{"kind": "folder", "path": str(src)}])
+    assert ingest.main(["--params", params, "--out", str(tmp_path / "p"),
+                        "--cache", str(tmp_path / "c1")]) == 0
+    assert ingest.main(["--params", params, "--source", str(src), "--out", str(tmp_path / "f"),
+                        "--cache", str(tmp_path / "c2")]) == 0
+    assert read_dir_bytes(tmp_path / "p") == read_dir_bytes(tmp_path / "f")

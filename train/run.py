@@ -43,6 +43,7 @@ import torch.nn.functional as F
 
 from cantus.audio_stream import shard_paths
 from cantus.config import config_hash
+from cantus.dataset_version import of_folder as dataset_version
 from cantus.shards import atomic_write_json
 from cantus.tokens import check_manifest, read_manifest
 from cantus.training import (Checkpoints, Metrics, distributed, gather_rank_states,
@@ -306,7 +307,9 @@ def run(cfg: LMConfig, stage: str, inputs: Inputs, out: str | Path | None,
         # config.json is cached: no times or throughput in it (they go to metrics.json)
         kept = {k: v for k, v in summary.items() if k not in ("losses", "seconds", "tokens_per_s")}
         summary["sha256"] = save_stage(core, layout, cfg.tokens, out,
-                                       extra={"summary": kept, "tokenizers": tokenizers})
+                                       extra={"summary": kept, "tokenizers": tokenizers,
+                                              # printed by `cantus generate`
+                                              "dataset_version": dataset_version(inputs.tokens)})
     if metrics is not None:
         metrics.close()
         # evaluate depends on metrics.json: times go beside it, in a file no stage reads
