@@ -7,20 +7,21 @@ Goes in: the demo audio shards (``data/audio``). Prints, in one run:
   wall-second) of the demo-size w2v-BERT on 1 and 2 threads;
 - faiss k-means (what ``semantic_kmeans`` runs) against scikit-learn's
   MiniBatchKMeans, its peer, on the same sample (200k frames at K=1024 by
-  default), both on 2 threads, timed in ``--rounds`` interleaved rounds (the
-  order turns each round) with the best of each: their time ratio, both
-  inertias as mean squared distance per frame over the whole sample, and
-  PASS or FAIL for faiss being at least as fast (no faster ratio was ever
-  set: faiss is chosen over scikit-learn for speed, so it must be the faster
-  one). The demo corpus has ~22k train frames, so the sample is those frames
-  repeated with 1% Gaussian jitter;
+  default), both on 2 threads (scikit-learn's OpenMP loops, with its OpenBLAS
+  calls on one thread, ``--sklearn-blas-threads``: its fastest setting here),
+  timed in ``--rounds`` interleaved rounds (the order turns each round) with
+  the best of each: their time ratio, both inertias as mean squared distance
+  per frame over the whole sample, and PASS or FAIL for faiss being at least
+  as fast (no faster ratio was ever set: faiss is chosen over scikit-learn
+  for speed, so it must be the faster one). The demo corpus has ~22k train
+  frames, so the sample is those frames repeated with 1% Gaussian jitter;
 - on a GPU, feature throughput of the paper size (600M) at batch 32.
 
     python bench/semantic.py [--shards data/audio] [--clips 8] [--frames 200000] [--rounds 2]
     env $(python -m cantus.kernels --env avx2) python bench/semantic.py   # what AVX2 runs
 
 The caps reach ATen, oneDNN and faiss's own SIMD code, not OpenBLAS, whose
-sgemm does most of both k-means' work (the cores' distances to the centroids).
+sgemm does most of both k-means' work (the frames' distances to the centroids).
 """
 
 from __future__ import annotations
@@ -68,15 +69,17 @@ def kmeans_sample(clips: list[np.ndarray], frames: int) -> tuple[np.ndarray, int
     return np.ascontiguousarray((x - mean) / std, np.float32), len(feats)
 
 
-def kmeans_race(x: np.ndarray, k: int, iterations: int, rounds: int) -> None:
+def kmeans_race(x: np.ndarray, k: int, iterations: int, rounds: int, blas_threads: int) -> None:
     from sklearn.cluster import MiniBatchKMeans
+    from threadpoolctl import threadpool_limits
 
     def fit_faiss() -> float:
         return sk.fit_kmeans(x, k, iterations, 0)[1]
 
     def fit_sklearn() -> float:
-        mb = MiniBatchKMeans(n_clusters=k, batch_size=10240, max_iter=iterations, n_init=1,
-                             random_state=0).fit(x)
+        with threadpool_limits(limits=blas_threads, user_api="blas"):
+            mb = MiniBatchKMeans(n_clusters=k, batch_size=10240, max_iter=iterations, n_init=1,
+                                 random_state=0).fit(x)
         return float(mb.inertia_) / len(x)
 
     fns = {"faiss k-means": fit_faiss, "sklearn MiniBatch": fit_sklearn}
@@ -125,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--k", type=int, default=1024, help="k-means clusters")
     ap.add_argument("--iterations", type=int, default=20, help="k-means iterations (epochs)")
     ap.add_argument("--rounds", type=int, default=2, help="interleaved k-means rounds")
+    ap.add_argument("--sklearn-blas-threads", type=int, default=1,
+                    help="OpenBLAS threads under scikit-learn's 2 OpenMP threads (1: its fastest "
+                         "here; 2 threads ran its k-means++ init 8x slower on a loaded 2-core CPU)")
     args = ap.parse_args(argv)
     print(kernels.describe())
     print("load average {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
@@ -135,8 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     x, real = kmeans_sample(clips, args.frames)
     print(f"k-means sample: {len(x)} frames x {x.shape[1]} dims ({real} real demo frames, "
           f"jittered), K={args.k}, {args.iterations} iterations, 2 threads, best of "
-          f"{args.rounds} interleaved rounds")
-    kmeans_race(x, args.k, args.iterations, args.rounds)
+          f"{args.rounds} interleaved rounds; scikit-learn's BLAS on "
+          f"{args.sklearn_blas_threads} thread(s)")
+    kmeans_race(x, args.k, args.iterations, args.rounds, args.sklearn_blas_threads)
     gpu_paper()
     return 0
 

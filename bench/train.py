@@ -70,9 +70,11 @@ class Reference(nn.Module):
 
 def batch_of(layout: Layout, batch: int, seed: int = 0) -> dict[str, torch.Tensor]:
     rng = np.random.default_rng(seed)
-    k, n_sem, n_ac = layout.k, layout.frames("semantic"), layout.frames("acoustic")
-    rows = [layout.encode({"mulan": rng.integers(0, k, 12), "semantic": rng.integers(0, k, n_sem),
-                           "acoustic": rng.integers(0, k, (12, n_ac))}) for _ in range(batch)]
+    k, n_sem, n_ac = layout.sizes, layout.frames("semantic"), layout.frames("acoustic")
+    rows = [layout.encode({"mulan": rng.integers(0, k["mulan"], 12),
+                           "semantic": rng.integers(0, k["semantic"], n_sem),
+                           "acoustic": rng.integers(0, k["acoustic"], (12, n_ac))})
+            for _ in range(batch)]
     return {name: torch.from_numpy(np.stack([r[i] for r in rows]))
             for i, name in enumerate(("ids", "block", "target"))}
 
@@ -165,7 +167,8 @@ def gpu_mfu(batch: int, seconds: float, peak_tflops: float, steps: int) -> None:
     c, t = model.cfg, b["ids"].shape[1]
     n_params = model.num_params() - model.embed.weight.numel()
     targets = int(b["target"][:, 1:].sum()) / batch
-    per_seq = 6 * n_params * t + 6 * c.layers * c.dim * t * t + 6 * targets * layout.k * c.dim
+    per_seq = (6 * n_params * t + 6 * c.layers * c.dim * t * t
+               + 6 * targets * layout.sizes["semantic"] * c.dim)
     tflops = per_seq * batch * rate / 1e12
     print(f"GPU paper-size semantic stage, bf16, batch {batch} x {t}: "
           f"{rate * batch * t:.0f} tok/s, {tflops:.0f} TFLOP/s, MFU {tflops / peak_tflops:.1%} "
