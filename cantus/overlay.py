@@ -102,18 +102,18 @@ def load_sections(params: dict[str, Any]) -> dict[str, Any]:
 def check_consistency(params: dict[str, Any]) -> None:
     """Sizes that several sections must agree on (the token shards join them).
 
-    One K for every codebook (the LM layout gives each field and level a block of
-    ``lm.tokens.codebook_size`` ids and the trainer checks the token manifest);
-    RVQ levels; token frame rates; and LM crops that fit in an ingest chunk.
+    Each field's codebook size fits a uint16 token (the LM layout gives each field
+    and level a block of that field's K ids, read from the token manifest, so the
+    three may differ); RVQ levels; token frame rates; and LM crops that fit in an
+    ingest chunk.
     """
     lm, codec = params["lm"]["tokens"], params["codec"]["model"]
-    k = lm["codebook_size"]
     for key, value in (("codec.model.codebook_size", codec["codebook_size"]),
                        ("semantic.kmeans.clusters", params["semantic"]["kmeans"]["clusters"]),
                        ("mulan.rvq.codebook_size", params["mulan"]["rvq"]["codebook_size"])):
-        if value != k:
-            raise ConfigError(f"'{key}' is {value} but lm.tokens.codebook_size is {k}: "
-                              "every codebook has the same K")
+        if not 2 <= value <= 65536:
+            raise ConfigError(f"'{key}' is {value}: a codebook holds 2 to 65536 codes "
+                              "(tokens are uint16)")
     for key, value, lm_key in (("codec.model.n_q", codec["n_q"], "acoustic_levels"),
                                ("mulan.rvq.levels", params["mulan"]["rvq"]["levels"],
                                 "mulan_levels")):

@@ -73,15 +73,15 @@ def sample_ids(model, layout: Layout, prefix: torch.Tensor, n_new: int, opts: Sa
     rows = torch.cat([prefix, uncond]) if guided else prefix
     cache = model.new_cache(rows.shape[0], p + n_new)
     h = model(rows, cache=cache, head=False)[:, -1]           # (R, D)
-    k = layout.k
     out = torch.empty(b, n_new, dtype=torch.long, device=prefix.device)
     for i in range(n_new):
         blk = layout.next_block(i)  # prefixes hold whole frames, so i counts levels from 0
-        logits = h @ model.head_rows(blk * k, (blk + 1) * k).T  # (R, K)
+        lo, hi = layout.block_range(blk)
+        logits = h @ model.head_rows(lo, hi).T                 # (R, K of the block)
         if guided:
             cond, unc = logits[:b], logits[b:]
             logits = unc + opts.guidance * (cond - unc)
-        ids = _pick(logits, opts, gen) + blk * k               # (B,)
+        ids = _pick(logits, opts, gen) + lo                    # (B,)
         out[:, i] = ids
         if i + 1 < n_new:
             step = torch.cat([ids, ids]) if guided else ids

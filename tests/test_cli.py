@@ -61,6 +61,7 @@ CASES: dict[str, tuple[str, tuple[str, ...] | None]] = {
     "evaluate": ("--generated {missing-gen} --audio {missing-audio} --models {missing-models} "
                  "--metrics {missing-metrics} --out {out}", ("evaluate",)),
     "dataset": ("show --repo {missing-repo}", None),
+    "add-source": ("{missing-src}", None),
 }
 
 

@@ -13,7 +13,7 @@ import torch
 
 from cantus.config import load_section
 from cantus.generate.run import GenerateConfig, Generator, check_request, main, model_paths
-from cantus.train.layout import Layout, stage_spec
+from cantus.train.layout import FIELDS, Layout, stage_spec
 from cantus.train.model import tiny
 from cantus.generate.sample import SampleOptions, sample_frames, sample_ids, window_starts
 from cantus.train.stage import TokensConfig, build_model, load_stage, save_stage
@@ -37,7 +37,7 @@ def tiny_lm(stage: str, seed: int = 0):
 
 
 def tokens_cfg() -> TokensConfig:
-    return TokensConfig(codebook_size=K, acoustic_levels=12, coarse_levels=4, mulan_levels=12,
+    return TokensConfig(acoustic_levels=12, coarse_levels=4, mulan_levels=12,
                         expect={})
 
 
@@ -204,7 +204,7 @@ def test_command_writes_one_wav_per_generation(models, tmp_path, capsys):
 
 def test_saved_stage_records_its_layout(models):
     model, lay = load_stage(models / "lm_coarse")
-    assert lay.crop_seconds == CROPS["coarse"] and lay.k == K
+    assert lay.crop_seconds == CROPS["coarse"] and lay.sizes == dict.fromkeys(FIELDS, K)
     assert json.loads((models / "lm_coarse" / "config.json").read_text())["layout"]["stage"] \
         == "coarse"
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cantus.config import ConfigError, from_dict
-from cantus.tokens import ManifestMismatch
+from cantus.tokens import ManifestMismatch, iter_token_samples
 from cantus.train.data import crop, fixed_crops, batched
 from cantus.train.layout import STAGES, Layout, dedup, stage_spec
 from cantus.train.model import GPTConfig, Transformer, tiny
@@ -150,12 +150,94 @@ def test_manifest_mismatch_is_refused(tmp_path):
     folder = write_synthetic_tokens(tmp_path / "tok", chunks=4, seconds=2.0, valid=1,
                                     shards_train=1)
     manifest = json.loads((folder / "manifest.json").read_text())
-    manifest["tokenizers"]["acoustic"]["codebook_size"] = 512
+    manifest["tokenizers"]["acoustic"]["n_q"] = 8
     (folder / "manifest.json").write_text(json.dumps(manifest))
     cfg = load_lm(ROOT / "params.yaml")
-    with pytest.raises(ManifestMismatch, match="acoustic.codebook_size: shards have 512"):
+    with pytest.raises(ManifestMismatch, match="acoustic.n_q: shards have 8"):
         run(cfg, "fine", Inputs(str(folder), str(tmp_path / "ck")), tmp_path / "out")
     with pytest.raises(ManifestMismatch, match="semantic.checkpoint_hash"):
         run(cfg, "fine", Inputs(str(folder), str(tmp_path / "ck"),
                                 expect={"semantic": {"checkpoint_hash": "abc"}}), None)
     assert not (tmp_path / "ck").exists() and not (tmp_path / "out").exists()
+
+
+SIZES = {"acoustic": 16, "semantic": 8, "mulan": 4}
+
+
+def small_tokens(seed=0, seconds=2.0):
+    rng = np.random.default_rng(seed)
+    return {"acoustic": rng.integers(0, 16, (12, int(50 * seconds))).astype(np.uint16),
+            "semantic": rng.integers(0, 8, int(25 * seconds)).astype(np.uint16),
+            "mulan": rng.integers(0, 4, 12).astype(np.uint16)}
+
+
+def test_each_field_has_its_own_codebook_size():
+    layout = Layout(stage_spec("coarse"), SIZES, 2.0)
+    # blocks in part order: 12 MuLan levels of 4, the semantic block of 8, 4 acoustic of 16
+    assert layout.null_id == 12 * 4 + 8 + 4 * 16 and layout.vocab_size == 128  # 122, to 64s
+    widths = [layout.block_range(b)[1] - layout.block_range(b)[0]
+              for b in range(len(layout.blocks))]
+    assert widths == [SIZES[f] for f, _ in layout.blocks]
+    toks = small_tokens()
+    ids, block, target = layout.encode(toks)
+    real = block >= 0
+    lo = layout.offsets[block[real]]
+    hi = layout.offsets[block[real] + 1]
+    assert np.all((ids[real] >= lo) & (ids[real] < hi))
+    assert np.array_equal(layout.decode(ids[target]), toks["acoustic"][:4])
+    with pytest.raises(ValueError, match=r"semantic tokens outside \[0, 8\)"):
+        layout.encode({**toks, "semantic": np.full(50, 8, np.uint16)})
+    with pytest.raises(ValueError, match="sizes.semantic is 1: a codebook holds"):
+        Layout(stage_spec("coarse"), {**SIZES, "semantic": 1}, 2.0)
+
+
+def test_loss_and_sampling_stay_in_each_blocks_own_codes():
+    from cantus.generate.sample import SampleOptions, sample_ids
+
+    layout = Layout(stage_spec("coarse"), SIZES, 0.5)
+    torch.manual_seed(0)
+    model = Transformer(GPTConfig(**dataclasses.asdict(tiny()), vocab_size=layout.vocab_size))
+    ids, block, target = (torch.from_numpy(a)[None] for a in layout.encode(small_tokens(1, 0.5)))
+    batch = {"ids": ids, "block": block, "target": target}
+    total, n = stage_loss(model, model.embed.weight, batch, layout)
+    # the same loss by hand: each target scored over its block's K codes only
+    h = model(ids[:, :-1], head=False)[0]
+    want = 0.0
+    for i in torch.nonzero(target[0, 1:]).flatten().tolist():
+        lo, hi = layout.block_range(int(block[0, i + 1]))
+        logp = torch.log_softmax(h[i] @ model.embed.weight[lo:hi].T, -1)
+        want -= float(logp[int(ids[0, i + 1]) - lo])
+    assert int(n) == int(target.sum()) and float(total) == pytest.approx(want, rel=1e-4)
+    prefix = torch.from_numpy(layout.prefix(small_tokens(2, 0.5)))[None]
+    with torch.no_grad():
+        out = sample_ids(model.eval(), layout, prefix, 4 * 5, SampleOptions(),
+                         torch.Generator().manual_seed(0))
+    blocks = [layout.next_block(i) for i in range(20)]
+    assert all(layout.block_range(b)[0] <= int(x) < layout.block_range(b)[1]
+               for b, x in zip(blocks, out[0]))
+    assert layout.decode(out[0].numpy()).max() < 16
+
+
+def test_trainer_takes_each_fields_size_from_the_manifest(tmp_path):
+    folder = write_synthetic_tokens(tmp_path / "tok", chunks=4, seconds=2.0, valid=1,
+                                    shards_train=1, k=16, states=8)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["tokenizers"]["semantic"]["k"] = 32
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    raw = __import__("yaml").safe_load((ROOT / "params.yaml").read_text())["lm"]
+    raw["semantic"]["train"].update(steps=2, warmup_steps=0, valid_every=2, valid_samples=2,
+                                    unigram_samples=4, batch_size=2)
+    raw["semantic"]["model"].update(layers=1, dim=32, ffn=64, heads=2)
+    cfg = from_dict(LMConfig, raw, prefix="lm")
+    run(cfg, "semantic", Inputs(str(folder), str(tmp_path / "ck")), tmp_path / "out")
+    from cantus.train.stage import load_stage
+
+    _, layout = load_stage(tmp_path / "out")
+    assert layout.sizes == {"acoustic": 16, "semantic": 32, "mulan": 16}
+    top = max(int(t["semantic"].max()) for p in sorted(folder.glob("*.tar"))
+              for _, t in iter_token_samples(p))
+    assert top >= 2
+    manifest["tokenizers"]["semantic"]["k"] = top  # one code the shards hold is now outside
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=rf"semantic tokens outside \[0, {top}\)"):
+        run(cfg, "semantic", Inputs(str(folder), str(tmp_path / "ck2")), tmp_path / "out2")

@@ -57,12 +57,13 @@ def test_killed_and_resumed_run_matches_uninterrupted(folder, tmp_path):
     b, _ = load_stage(tmp_path / "b")
     for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
         torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6, msg=name)
-    assert layout.spec.name == "coarse" and layout.k == 1024 and layout.dedup
+    assert layout.spec.name == "coarse" and layout.sizes["acoustic"] == 1024 and layout.dedup
     metrics = json.loads((tmp_path / "live" / "metrics.json").read_text())
     assert metrics["val_ppl"] == pytest.approx(whole["val_ppl"], rel=1e-4)
     # both below the uniform perplexity over the K codes of a target level: the unigram
     # baseline fitted on train, and the model after 7 steps
-    assert metrics["unigram_ppl"] < layout.k and metrics["val_ppl"] < layout.k
+    k = layout.sizes["acoustic"]
+    assert metrics["unigram_ppl"] < k and metrics["val_ppl"] < k
     assert metrics["step"] == 7
 
 

@@ -50,9 +50,14 @@ def test_scalar_over_a_section_is_refused():
 
 def test_sizes_that_must_agree_are_checked(params, tmp_path):
     before = params.read_bytes()
-    # a K for the semantic tokens alone: the LM trainer would refuse the token shards
-    bad = _write(tmp_path / "k.yaml", {"semantic": {"kmeans": {"clusters": 512}}})
-    with pytest.raises(ConfigError, match=r"semantic\.kmeans\.clusters"):
+    # a K of its own for the semantic tokens is fine (the LM reads each field's K from the
+    # token manifest); one that a uint16 token cannot hold is not
+    ok = _write(tmp_path / "k.yaml", {"semantic": {"kmeans": {"clusters": 512}}})
+    out = tmp_path / "k-out.yaml"
+    apply(ok, params, out)
+    assert read_params(out)["semantic"]["kmeans"]["clusters"] == 512
+    bad = _write(tmp_path / "k2.yaml", {"semantic": {"kmeans": {"clusters": 70000}}})
+    with pytest.raises(ConfigError, match=r"semantic\.kmeans\.clusters' is 70000"):
         apply(bad, params)
     bad = _write(tmp_path / "nq.yaml", {"codec": {"model": {"n_q": 8}}})
     with pytest.raises(ConfigError, match=r"codec\.model\.n_q"):
@@ -116,4 +121,4 @@ def test_cli_names_the_unknown_key(params, tmp_path, capsys):
     assert main(["apply", str(ROOT / "configs/tiny.yaml"), "--params", str(params),
                  "--out", str(out)]) == 0
     assert main(["check", str(out)]) == 0
-    assert read_params(out)["lm"]["tokens"]["codebook_size"] == 16
+    assert read_params(out)["semantic"]["kmeans"]["clusters"] == 16

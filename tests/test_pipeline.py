@@ -191,17 +191,22 @@ def test_push_then_pull_in_a_fresh_clone_needs_no_recompute(run_dir, tmp_path):
 
 
 def test_kmeans_k_reruns_only_what_depends_on_it(run_dir, tmp_path):
-    """Last: leaves the workspace on the experiment. Only the tokenizer stages are run:
-    the LM stages require one K for every codebook (lm.tokens.codebook_size)."""
+    """Last: leaves the workspace on the experiment. A semantic K of its own runs through
+    the LM stages that read semantic tokens (each field's K comes from the manifest)."""
     codec = tree_digest(run_dir / "models/codec")
     log = dvc(run_dir, "exp", "run", "-S", "semantic.kmeans.clusters=8",
-              "tokenize_pack", "semantic_eval")
-    assert ran(log) == {"semantic_kmeans", "semantic_eval", "tokenize_semantic", "tokenize_pack"}
+              "lm_train@semantic", "lm_train@coarse", "semantic_eval")
+    assert ran(log) == {"semantic_kmeans", "semantic_eval", "tokenize_semantic", "tokenize_pack",
+                        "lm_train@semantic", "lm_train@coarse"}
     assert "Stage 'codec_train' didn't change, skipping" in log
     assert tree_digest(run_dir / "models/codec") == codec
     status = json.loads(dvc(run_dir, "status", "--json"))
-    assert {"lm_train@semantic", "lm_train@coarse", "lm_train@fine"} <= set(status)  # downstream
-    assert not {"codec_train", "codec_eval", "tokenize_acoustic", "mulan_train"} & set(status)
+    assert {"lm_train@fine", "generate"} <= set(status)  # downstream, not asked for
+    assert not {"codec_train", "codec_eval", "tokenize_acoustic", "mulan_train",
+                "lm_train@semantic", "lm_train@coarse"} & set(status)
+    for stage in ("semantic", "coarse"):
+        layout = json.loads((run_dir / f"models/lm_{stage}/config.json").read_text())["layout"]
+        assert layout["sizes"] == {"acoustic": 16, "semantic": 8, "mulan": 16}
     tokens = json.loads((run_dir / "data/tokens/manifest.json").read_text())["tokenizers"]
     assert tokens["semantic"]["k"] == 8 and tokens["acoustic"]["codebook_size"] == 16
     diff = json.loads(dvc(run_dir, "metrics", "diff", "--json"))

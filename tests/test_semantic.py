@@ -137,15 +137,6 @@ def test_kmeans_recovers_synthetic_clusters():
     assert smet.pnmi(rng.integers(0, 6, 3000), labels) < 0.01
 
 
-def test_reservoir_is_bounded_and_uniform():
-    res = sk.Reservoir(cap=500, seed=1)
-    for part in np.array_split(np.arange(10000, dtype=np.float32)[:, None], 37):
-        res.add(part)
-    s = res.sample()[:, 0]
-    assert s.shape == (500,) and len(np.unique(s)) == 500
-    assert 4000 < s.mean() < 6000        # not just the first rows
-
-
 def test_codebook_and_normalisation_round_trip(tmp_path):
     rng = np.random.default_rng(3)
     x = rng.normal(5, 3, (2000, 4)).astype(np.float32) * np.array([1, 10, 0.1, 2], np.float32)

@@ -9,8 +9,11 @@ targets (the loss is taken there only):
     coarse    [M | S | A[0:4]]     p(A[0:4] | S, M)
     fine      [A[0:4] | A[4:12]]   p(A[4:12] | A[0:4])
 
-Every (field, level) has its own block of ``codebook_size`` ids (per-field,
-per-level offsets); acoustic tokens are flattened row-major over time and
+Every (field, level) has its own block of ids, as many as that field's
+codebook holds (``sizes``: K of the acoustic, semantic and MuLan codebooks,
+which may differ: the k-means K and the MuLan RVQ are sized to the data, the
+codec to its bitrate); blocks follow one another in the order the stage's
+parts name them. Acoustic tokens are flattened row-major over time and
 level, as in AudioLM (``t0l0 t0l1 .. t0l3 t1l0 ..``). Two ids follow the
 blocks: ``null`` replaces dropped conditioning (classifier-free guidance) and
 ``pad`` fills sequences to ``max_len`` on the right (causal attention never
@@ -20,6 +23,7 @@ removed (AudioLM, first two stages), which makes lengths vary per crop.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -84,27 +88,50 @@ def dedup(s: np.ndarray) -> np.ndarray:
     return s[keep]
 
 
+FIELDS = ("acoustic", "semantic", "mulan")
+PAPER_SIZES = {"acoustic": 1024, "semantic": 1024, "mulan": 1024}  # MusicLM's K of each field
+
+
+def check_sizes(sizes: Mapping[str, int] | int, where: str = "sizes") -> dict[str, int]:
+    """``sizes`` as a plain dict of the three fields' K, each in [2, 65536] (tokens are uint16);
+    one int is the same K for every field."""
+    if isinstance(sizes, int):
+        sizes = dict.fromkeys(FIELDS, sizes)
+    missing = [f for f in FIELDS if f not in sizes]
+    if missing:
+        raise ValueError(f"{where}: no codebook size for {', '.join(missing)}")
+    out = {f: int(sizes[f]) for f in FIELDS}
+    for f, k in out.items():
+        if not 2 <= k <= 65536:
+            raise ValueError(f"{where}.{f} is {k}: a codebook holds 2 to 65536 codes (uint16)")
+    return out
+
+
 class Layout:
     """Ids, blocks and target mask of one stage at one crop length.
 
     Args:
         spec: the stage.
-        codebook_size: K, the size of every codebook.
+        sizes: K of each field's codebooks (``acoustic``, ``semantic``, ``mulan``; one int:
+            the same K for all); every level of a field has that many codes.
         crop_seconds: crop length (sets the part lengths and ``max_len``).
         dedup_semantic: remove consecutive repeated semantic tokens.
     """
 
-    def __init__(self, spec: StageSpec, codebook_size: int, crop_seconds: float,
+    def __init__(self, spec: StageSpec, sizes: Mapping[str, int] | int, crop_seconds: float,
                  dedup_semantic: bool = False):
-        self.spec, self.k, self.dedup = spec, codebook_size, dedup_semantic
+        self.spec, self.dedup = spec, dedup_semantic
+        self.sizes = check_sizes(sizes)
         self.crop_seconds = crop_seconds
-        self.blocks: list[tuple[str, int]] = []   # block b holds ids [b K, (b + 1) K)
+        self.blocks: list[tuple[str, int]] = []   # block b holds ids [offset[b], offset[b + 1])
         for p in spec.parts:
             lo = 0 if p.levels is None else p.levels[0]
             for lvl in range(lo, lo + p.n_levels):
                 if (p.field, lvl) not in self.blocks:
                     self.blocks.append((p.field, lvl))
-        self.null_id = len(self.blocks) * codebook_size
+        widths = [self.sizes[f] for f, _ in self.blocks]
+        self.offsets = np.concatenate([[0], np.cumsum(widths)]).astype(np.int64)
+        self.null_id = int(self.offsets[-1])
         self.pad_id = self.null_id + 1
         self.vocab_size = -(-(self.pad_id + 1) // 64) * 64  # multiple of 64: faster matmuls
         self.lengths = [self.part_length(p) for p in spec.parts]
@@ -112,6 +139,10 @@ class Layout:
         self.n_cond = sum(self.lengths[:len(spec.cond)])
         self.target_blocks = np.unique(np.concatenate(
             [self._part_blocks(p, 1) for p in spec.target]))
+
+    def block_range(self, b: int) -> tuple[int, int]:
+        """Ids [lo, hi) of block ``b``: its codes 0 .. hi - lo - 1, shifted by lo."""
+        return int(self.offsets[b]), int(self.offsets[b + 1])
 
     def frames(self, field: str) -> int:
         """Frames of a time field in one crop (25 t semantic, 50 t acoustic)."""
@@ -132,8 +163,10 @@ class Layout:
     def part_ids(self, p: Part, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(ids, blocks) of one part. ``codes``: uint16[L] (mulan), [T] (semantic) or [12, T]."""
         codes = np.asarray(codes).astype(np.int64)
-        if codes.size and (codes.min() < 0 or codes.max() >= self.k):
-            raise ValueError(f"{p.field} tokens outside [0, {self.k}): max {codes.max()}")
+        k = self.sizes[p.field]
+        if codes.size and (codes.min() < 0 or codes.max() >= k):
+            raise ValueError(f"{p.field} tokens outside [0, {k}) (its codebook size): "
+                             f"max {codes.max()}")
         if p.field == "mulan":
             flat = codes[p.levels[0]:p.levels[1]]
         elif p.field == "semantic":
@@ -142,7 +175,7 @@ class Layout:
             flat = codes[p.levels[0]:p.levels[1]].T.reshape(-1)
         frames = flat.shape[0] // p.n_levels
         blocks = self._part_blocks(p, frames)
-        return flat + blocks * self.k, blocks
+        return flat + self.offsets[blocks], blocks
 
     def encode(self, tokens: dict[str, np.ndarray], drop_cond: bool = False
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -181,7 +214,7 @@ class Layout:
 
     def next_block(self, n_generated: int) -> int:
         """Block of the target token generated after ``n_generated`` others (its valid ids
-        are [block K, (block + 1) K))."""
+        are ``block_range(block)``)."""
         p = self.spec.target[-1]
         lo = 0 if p.levels is None else p.levels[0]
         return self.block(p.field, lo + n_generated % p.n_levels)
@@ -194,7 +227,8 @@ class Layout:
         if ids.shape[0] % p.n_levels:
             raise ValueError(f"{ids.shape[0]} ids are not whole frames of {p.n_levels} levels")
         blocks = self._part_blocks(p, ids.shape[0] // p.n_levels)
-        if np.any(ids // self.k != blocks):
+        lo, hi = self.offsets[blocks], self.offsets[blocks + 1]
+        if np.any((ids < lo) | (ids >= hi)):
             raise ValueError(f"ids of {p.field} fall outside their codebook blocks")
-        codes = (ids - blocks * self.k).astype(np.uint16)
+        codes = (ids - lo).astype(np.uint16)
         return codes if p.levels is None else codes.reshape(-1, p.n_levels).T.copy()

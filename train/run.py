@@ -54,7 +54,7 @@ from cantus.training import run_id as training_run_id
 from .data import TokenBatches, batched, fixed_crops
 from .layout import STAGES, Layout
 from .stage import (LMConfig, StageConfig, TokensConfig, TrainConfig, build_model, load_lm,
-                    make_layout, save_stage)
+                    make_layout, save_stage, token_sizes)
 
 log = logging.getLogger(__name__)
 
@@ -92,11 +92,11 @@ def stage_loss(model: torch.nn.Module, head: torch.Tensor, batch: dict[str, torc
     mask = batch["target"][:, 1:]
     h, tgt, blk = h[mask], ids[:, 1:][mask], blocks[:, 1:][mask]  # (N, D), (N,), (N,)
     total = h.new_zeros((), dtype=torch.float32)
-    k = layout.k
     for b in layout.target_blocks.tolist():
         sel = blk == b
-        logits = h[sel] @ head[b * k:(b + 1) * k].T            # (Nb, K)
-        total = total + F.cross_entropy(logits.float(), tgt[sel] - b * k, reduction="sum")
+        lo, hi = layout.block_range(b)
+        logits = h[sel] @ head[lo:hi].T                        # (Nb, K of the block)
+        total = total + F.cross_entropy(logits.float(), tgt[sel] - lo, reduction="sum")
     return total, mask.sum()
 
 
@@ -176,12 +176,14 @@ def evaluate(core, layout: Layout, batches: list[dict], device: torch.device, bf
 def unigram_nll(layout: Layout, train: list[dict], valid: list[dict]) -> float:
     """Validation cross-entropy of a per-block unigram model counted on training crops
     (add-one smoothing): what a model that ignores all context would reach."""
-    nb, k = len(layout.blocks), layout.k
-    counts = torch.ones(nb, k, dtype=torch.float64)
+    counts = torch.ones(layout.null_id, dtype=torch.float64)
     for b in train:
         m = b["target"]
-        counts.view(-1).index_add_(0, b["ids"][m], torch.ones(int(m.sum()), dtype=torch.float64))
-    logp = (counts / counts.sum(1, keepdim=True)).log().view(-1)
+        counts.index_add_(0, b["ids"][m], torch.ones(int(m.sum()), dtype=torch.float64))
+    logp = torch.empty_like(counts)
+    for b in range(len(layout.blocks)):
+        lo, hi = layout.block_range(b)
+        logp[lo:hi] = (counts[lo:hi] / counts[lo:hi].sum()).log()
     nll, n = 0.0, 0
     for b in valid:
         m = b["target"]
@@ -196,28 +198,28 @@ def run_id(stage: str, cfg: StageConfig, tokens: TokensConfig, paths: list[str])
 
 
 def expected_tokenizers(tokens: TokensConfig, extra: dict | None = None) -> dict[str, dict]:
-    """The manifest entries a run requires: the sizes its layout assumes, ``lm.tokens.expect``
-    and ``extra`` (e.g. the checkpoint hashes of the tokenizers a generator will use)."""
-    k = tokens.codebook_size
-    expect = {"acoustic": {"codebook_size": k, "n_q": tokens.acoustic_levels},
-              "semantic": {"k": k},
-              "mulan": {"codebook_size": k, "levels": tokens.mulan_levels}}
+    """The manifest entries a run requires: the levels its layout assumes, ``lm.tokens.expect``
+    and ``extra`` (e.g. the checkpoint hashes of the tokenizers a generator will use). The
+    codebook sizes are the manifest's own (``token_sizes``)."""
+    expect = {"acoustic": {"n_q": tokens.acoustic_levels},
+              "mulan": {"levels": tokens.mulan_levels}}
     for more in (json.loads(json.dumps(dict(tokens.expect), default=dict)), extra or {}):
         for name, entries in more.items():
             expect.setdefault(name, {}).update(entries)
     return expect
 
 
-def _check_tokens(folder: str, tokens: TokensConfig, extra: dict | None) -> None:
-    check_manifest(folder, expected_tokenizers(tokens, extra))
+def _check_tokens(folder: str, tokens: TokensConfig, extra: dict | None) -> dict[str, int]:
+    """Refuse shards whose manifest differs from what the run expects; their codebook sizes."""
+    return token_sizes(check_manifest(folder, expected_tokenizers(tokens, extra)))
 
 
 def _setup(stage: str, cfg: LMConfig, inputs: Inputs, device: torch.device):
     """Layout, model (DDP-wrapped, compiled), optimiser, data, fixed evaluation batches."""
     scfg: StageConfig = getattr(cfg, stage)
     t, (rank, world) = scfg.train, distributed()
-    _check_tokens(inputs.tokens, cfg.tokens, inputs.expect)
-    layout = make_layout(cfg.tokens, stage, scfg)
+    sizes = _check_tokens(inputs.tokens, cfg.tokens, inputs.expect)
+    layout = make_layout(cfg.tokens, stage, scfg, sizes)
     paths = shard_paths(inputs.tokens, "train")
     torch.manual_seed(t.seed)
     core = build_model(scfg.model, layout).to(device)

@@ -1,7 +1,7 @@
 """Params of the LM stages (section ``lm`` of params.yaml) and trained-stage folders.
 
-``load_lm(params)`` reads section ``lm``: ``lm.tokens`` (codebook size,
-levels, what the token manifest must say) and one ``StageConfig`` per stage
+``load_lm(params)`` reads section ``lm``: ``lm.tokens`` (levels, what the
+token manifest must say; each field's codebook size comes from the manifest) and one ``StageConfig`` per stage
 (``lm.semantic``, ``lm.coarse``, ``lm.fine``: crop, model size, training).
 
 A trained stage is a folder (``models/lm_<stage>``): ``model.safetensors``
@@ -17,12 +17,13 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
+from collections.abc import Mapping
 from typing import Any
 
 from cantus.config import ConfigError, from_dict, read_params, to_dict
 from cantus.training import load_weights, read_config, save_weights
 
-from .layout import STAGES, Layout, stage_spec
+from .layout import FIELDS, PAPER_SIZES, STAGES, Layout, check_sizes, stage_spec
 from .model import GPTConfig, ModelSize, Transformer
 
 
@@ -33,16 +34,18 @@ def _require(ok: bool, key: str, why: str) -> None:
 
 @dataclass(frozen=True)
 class TokensConfig:
-    """What the token shards hold; ``expect`` is checked against their manifest."""
+    """What the token shards hold; ``expect`` is checked against their manifest.
 
-    codebook_size: int         # K of every acoustic, semantic and MuLan codebook
+    Each field's codebook size is not set here: it is read from the shards' manifest
+    (``token_sizes``), so a k-means K or a MuLan RVQ sized to the data needs no other key.
+    """
+
     acoustic_levels: int       # RVQ levels of the codec (12)
     coarse_levels: int         # levels the coarse stage predicts (4); fine predicts the rest
     mulan_levels: int          # RVQ levels of the MuLan tokens (12)
     expect: dict[str, Any]     # manifest "tokenizers" entries this run requires
 
     def __post_init__(self):
-        _require(self.codebook_size >= 2, "lm.tokens.codebook_size", "must be at least 2")
         _require(0 < self.coarse_levels < self.acoustic_levels, "lm.tokens.coarse_levels",
                  "must be in (0, acoustic_levels)")
 
@@ -112,9 +115,23 @@ def load_lm(path: str | Path) -> LMConfig:
     return from_dict(LMConfig, data["lm"], prefix="lm")
 
 
-def make_layout(tokens: TokensConfig, stage: str, cfg: StageConfig) -> Layout:
+def token_sizes(manifest: Mapping[str, Any]) -> dict[str, int]:
+    """Each field's codebook size K, from a token manifest's ``tokenizers`` entries."""
+    tok = manifest.get("tokenizers", {})
+    keys = {"acoustic": "codebook_size", "semantic": "k", "mulan": "codebook_size"}
+    missing = [f"{f}.{k}" for f, k in keys.items() if k not in tok.get(f, {})]
+    if missing:
+        raise ConfigError(f"token manifest has no {', '.join(missing)}: the codebook sizes "
+                          "the LM layout needs")
+    return check_sizes({f: tok[f][k] for f, k in keys.items()}, "token manifest")
+
+
+def make_layout(tokens: TokensConfig, stage: str, cfg: StageConfig,
+                sizes: Mapping[str, int] | None = None) -> Layout:
+    """The stage's layout; ``sizes`` from ``token_sizes`` (None: the paper's 1024 per field,
+    for benches on random tokens)."""
     spec = stage_spec(stage, tokens.coarse_levels, tokens.acoustic_levels, tokens.mulan_levels)
-    return Layout(spec, tokens.codebook_size, cfg.crop_seconds,
+    return Layout(spec, PAPER_SIZES if sizes is None else sizes, cfg.crop_seconds,
                   cfg.dedup_semantic and "semantic" in spec.fields)
 
 
@@ -131,7 +148,8 @@ def save_stage(model: Transformer, layout: Layout, tokens: TokensConfig, folder:
                extra: dict[str, Any] | None = None) -> str:
     """Write a trained stage folder; returns the weights' sha256."""
     info = {"stage": layout.spec.name, "crop_seconds": layout.crop_seconds,
-            "dedup_semantic": layout.dedup, "tokens": {k: _plain(v) for k, v in
+            "dedup_semantic": layout.dedup, "sizes": layout.sizes,
+            "tokens": {k: _plain(v) for k, v in
                                                       to_dict(tokens).items()}}
     return save_weights(model, folder, model.cfg, extra={"layout": info, **(extra or {})})
 
@@ -144,10 +162,11 @@ def load_stage(folder: str | Path, device: str = "cpu") -> tuple[Transformer, La
     model = Transformer(GPTConfig(**{k: v for k, v in cfg.items() if k in fields}))
     t = info["tokens"]
     spec = stage_spec(info["stage"], t["coarse_levels"], t["acoustic_levels"], t["mulan_levels"])
-    layout = Layout(spec, t["codebook_size"], info["crop_seconds"], info["dedup_semantic"])
+    sizes = info.get("sizes") or dict.fromkeys(FIELDS, t["codebook_size"])  # older: one K
+    layout = Layout(spec, sizes, info["crop_seconds"], info["dedup_semantic"])
     load_weights(model, folder, device=device)
     return model.to(device).eval(), layout
 
 
 __all__ = ["STAGES", "LMConfig", "StageConfig", "TokensConfig", "TrainConfig", "build_model",
-           "load_lm", "load_stage", "make_layout", "save_stage"]
+           "load_lm", "load_stage", "make_layout", "save_stage", "token_sizes"]

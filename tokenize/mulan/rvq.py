@@ -34,6 +34,7 @@ import torch
 
 from cantus.config import load_section
 from cantus.nearest import canonical_rows, distinct_rows, nearest_np
+from cantus.reservoir import Reservoir
 from cantus.shards import atomic_write_json
 from cantus.tokenize.mulan.params import MulanConfig, MulanRVQConfig
 
@@ -229,38 +230,6 @@ def fit_embeddings(model, audio: list[np.ndarray], stride_seconds: float) -> np.
     return np.concatenate(rows)
 
 
-class Reservoir:
-    """A uniform sample of at most ``cap`` rows from a stream (algorithm R, seeded): the
-    rows in arrival order while fewer than ``cap`` have come."""
-
-    def __init__(self, cap: int, seed: int):
-        self.cap, self.seen, self.rng, self.rows = cap, 0, np.random.default_rng(seed), None
-
-    def add(self, x: np.ndarray) -> None:
-        x = np.asarray(x, np.float32)
-        if self.rows is None:
-            self.rows = np.empty((min(self.cap, max(1024, len(x))), x.shape[1]), np.float32)
-        take = min(len(x), max(0, self.cap - self.seen))
-        if self.seen + take > len(self.rows):  # grow by doubling up to cap: a small split
-            grown = np.empty((min(self.cap, max(2 * len(self.rows), self.seen + take)),
-                              x.shape[1]), np.float32)  # allocates little
-            grown[:self.seen] = self.rows[:self.seen]
-            self.rows = grown
-        self.rows[self.seen:self.seen + take] = x[:take]
-        rest = x[take:]
-        if len(rest):
-            n = self.seen + take + np.arange(len(rest))  # global index of each row
-            j = (self.rng.random(len(rest)) * (n + 1)).astype(np.int64)
-            keep = j < self.cap
-            self.rows[j[keep]] = rest[keep]
-        self.seen += len(x)
-
-    def sample(self) -> np.ndarray:
-        if self.rows is None:
-            raise ValueError("no embeddings were added")
-        return self.rows[:min(self.seen, self.cap)]
-
-
 def stream_embeddings(model, audio_dir: str | Path, split: str, stride_seconds: float,
                       cap: int, seed: int) -> tuple[np.ndarray, int, int]:
     """(float32[<= cap, D] sample, embeddings seen, chunks) of one split's fit embeddings
@@ -269,7 +238,7 @@ def stream_embeddings(model, audio_dir: str | Path, split: str, stride_seconds: 
     from cantus.training import progress
 
     stride = int(round(stride_seconds * model.cfg.sample_rate))
-    res, chunks = Reservoir(cap, seed), 0
+    res, chunks = Reservoir(cap, seed, "embeddings"), 0
     with progress(None, desc="mulan embeddings") as bar:
         for x, _ in iter_all(shard_paths(audio_dir, split)):
             res.add(chunk_embeddings(model, x, stride))

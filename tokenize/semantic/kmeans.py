@@ -35,37 +35,12 @@ from cantus.training import resolve_device
 from cantus.audio_stream import decode_sample, shard_paths
 from cantus.config import load_section, to_dict
 from cantus.nearest import canonical_torch, nearest_torch
+from cantus.reservoir import Reservoir
 from cantus.tokenize.semantic import model as sm
 from cantus.tokenize.semantic.params import KMeansConfig, SemanticConfig
 from cantus.tokenize.semantic.pretrain import model_dir
 
 log = logging.getLogger(__name__)
-
-
-class Reservoir:
-    """A uniform sample of at most ``cap`` rows from a stream (algorithm R, seeded)."""
-
-    def __init__(self, cap: int, seed: int):
-        self.cap, self.seen, self.rng, self.rows = cap, 0, np.random.default_rng(seed), None
-
-    def add(self, x: np.ndarray) -> None:
-        x = np.asarray(x, np.float32)
-        if self.rows is None:
-            self.rows = np.empty((self.cap, x.shape[1]), np.float32)
-        take = min(len(x), max(0, self.cap - self.seen))
-        self.rows[self.seen:self.seen + take] = x[:take]
-        rest = x[take:]
-        if len(rest):
-            n = self.seen + take + np.arange(len(rest))       # global index of each row
-            j = (self.rng.random(len(rest)) * (n + 1)).astype(np.int64)
-            keep = j < self.cap
-            self.rows[j[keep]] = rest[keep]
-        self.seen += len(x)
-
-    def sample(self) -> np.ndarray:
-        if self.rows is None:
-            raise ValueError("no frames were added")
-        return self.rows[:min(self.seen, self.cap)]
 
 
 def normalisation(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -189,7 +164,7 @@ def extractor_for(model_out: str | Path, cfg: KMeansConfig) -> tuple[sm.FeatureE
 
 def fit(features: Iterator[np.ndarray], cfg: KMeansConfig) -> tuple[Codebook, dict[str, Any]]:
     """Reservoir-sample frames, normalise, cluster: the codebook and fit statistics."""
-    res = Reservoir(cfg.max_frames, cfg.seed)
+    res = Reservoir(cfg.max_frames, cfg.seed, "frames")
     for i, f in enumerate(features, 1):
         res.add(f)
         if i % 500 == 0:
