@@ -250,7 +250,10 @@ class ShardTokenizer:
         shards.atomic_write_json(_sidecar(out_path), summary)
         shards.write_shard(out_path, [(k, {f"{self.field}.npy": npy_bytes(t)})
                                       for k, t in zip(keys, tokens)])
-        return summary
+        # the audio this shard tokenized, for the stage's real-time factor (not in the sidecar)
+        kept = set(keys)
+        audio_s = sum(len(w) for k, w in zip(decoded["keys"], decoded["wavs"]) if k in kept)
+        return {**summary, "audio_s": audio_s / self.tok.sample_rate}
 
     def info(self) -> tuple[dict[str, Any], int, str]:
         """(manifest entry, input sample rate, Ray node id or "local")."""
@@ -404,19 +407,24 @@ def run(cfg: TokenizeConfig, tokenizer: type, audio_dir: str | Path, models: dic
     sched = (((s, "local") for s in _schedule_local(local, jobs, rate))
              if cfg.executor == "local" else pool.schedule(jobs))
     nodes: dict[str, int] = {}
+    audio_s = 0.0  # seconds of audio tokenized by this run (finished shards skipped)
     with progress(len(jobs), desc=f"tokenize {field}") as bar:
         for s, node in sched:
             summaries[s["shard"]] = s
             nodes[node] = nodes.get(node, 0) + 1
+            audio_s += s.pop("audio_s", 0.0)
             bar.update(1)
     done = time.perf_counter()
     summary = _write_tables(out, field, description, [summaries[Path(p).name] for p in paths],
                             skipped)
     _check_rejects(field, summary, out, cfg.max_reject_fraction)
-    log.info("tokenize %s: models ready in %.1f s, %d shards in %.1f s", field, ready - t0,
-             len(jobs), done - ready)
-    # not written to the tables: where the shards ran and how long it took
-    return {**summary, "nodes": nodes, "startup_s": ready - t0, "tokenize_s": done - ready}
+    rtf = audio_s / (done - ready) if done > ready else 0.0
+    log.info("tokenize %s: models ready in %.1f s, %d shards (%.0f s of audio) in %.1f s: "
+             "%.1fx real time", field, ready - t0, len(jobs), audio_s, done - ready, rtf)
+    # not written to the tables: where the shards ran, how long it took, the real-time factor
+    return {**summary, "nodes": nodes, "startup_s": ready - t0, "tokenize_s": done - ready,
+            "audio_s": audio_s, "realtime_x": rtf,
+            "realtime_x_with_startup": audio_s / (done - t0) if done > t0 else 0.0}
 
 
 def _shards_or_none(folder, split) -> list[str]:
@@ -508,4 +516,7 @@ def field_main(tokenizer: type, argv: list[str] | None = None) -> int:
     print(f"tokenize {field}: {summary['chunks']} chunks in {summary['shards']} shards "
           f"({summary['shards_skipped']} already done), {summary['rejects']} rejects -> {args.out}"
           f"; shards per node: {json.dumps(summary['nodes'], sort_keys=True)}")
+    print(f"tokenize {field}: {summary['audio_s']:.0f} s of audio in {summary['tokenize_s']:.1f} s"
+          f": {summary['realtime_x']:.1f}x real time ({summary['realtime_x_with_startup']:.1f}x "
+          f"with the {summary['startup_s']:.1f} s start-up)")
     return 0
