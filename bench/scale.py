@@ -30,6 +30,7 @@ corpus, the fits its train split). With the default base of 48 pieces of 20 s
 
     python bench/scale.py [--base-pieces 48] [--sizes 1,4,16] [--keep DIR]
     python bench/scale.py --base-pieces 4 --sizes 1,2     # a quick try
+    python bench/scale.py --report OUT.txt   # the targets from the JSON lines of a run
 """
 
 from __future__ import annotations
@@ -81,11 +82,17 @@ def stage_command(stage: dict, work: Path, params: Path, models: Path = ROOT / "
 
 
 def write_params(work: Path, pieces: int) -> Path:
-    """``work/params.yaml``: this checkout's params.yaml with ``demo.num_pieces`` set."""
+    """``work/params.yaml``: this checkout's params.yaml with ``demo.num_pieces`` set and
+    ``ingest.sources`` (where it exists) the work folder's demo corpus alone."""
+    from cantus.config import read_params
     from cantus.overlay import apply
 
+    changes: dict = {"demo": {"num_pieces": pieces}}
+    if "sources" in read_params(ROOT / "params.yaml")["ingest"]:
+        changes["ingest"] = {"sources": [{"kind": "folder", "path": str(work / "demo"),
+                                          "captions": ""}]}
     overlay = work / "overlay.yaml"
-    overlay.write_text(yaml.safe_dump({"demo": {"num_pieces": pieces}}))
+    overlay.write_text(yaml.safe_dump(changes))
     apply(overlay, ROOT / "params.yaml", out=work / "params.yaml")
     return work / "params.yaml"
 
@@ -163,6 +170,9 @@ def run_size(work: Path, pieces: int, cores: int, models: Path) -> dict:
     stages[LOADER] = watch([sys.executable, __file__, "--loader-pass", str(work / "tokens"),
                             "--params", str(params)], work / "logs" / f"{LOADER}.log")
     stats = json.loads((work / "metrics" / "ingest.json").read_text())
+    if stats["inputs"] != pieces:  # ingest read some other corpus (params' ingest.sources?)
+        raise RuntimeError(f"ingest saw {stats['inputs']} inputs, not the {pieces} pieces "
+                           f"rendered in {work / 'demo'}")
     hours = float(stats["hours_out"])
     for s in stages.values():
         s["audio_h_per_core_h"] = round(hours / (s["s"] * cores / 3600), 1)
@@ -201,6 +211,21 @@ def print_ratios(rows: list[dict], lo: int, hi: int) -> None:
               f"{r['driver_rss']:12.3f}{w}  {'PASS' if r['rss_ok'] else 'FAIL'}")
 
 
+def report(path: Path) -> int:
+    """The targets between the smallest and the largest size recorded in ``path``."""
+    records = {}
+    for line in path.read_text().splitlines():
+        if line.startswith("{"):
+            rec = json.loads(line)
+            records[int(rec["size"].rstrip("x"))] = rec
+    if len(records) < 2:
+        print(f"{path}: fewer than two sizes recorded", file=sys.stderr)
+        return 2
+    lo, hi = min(records), max(records)
+    print_ratios(ratios(records[lo], records[hi], hi / lo), lo, hi)
+    return 0
+
+
 def _load() -> str:
     return " ".join(f"{v:.2f}" for v in os.getloadavg())
 
@@ -213,12 +238,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", default=str(ROOT / "models"),
                     help="folder of the trained models (codec, semantic, semantic_kmeans, "
                          "mulan, mulan_rvq)")
+    ap.add_argument("--report", metavar="FILE",
+                    help="print the targets from the per-size JSON lines in FILE (the output "
+                         "of a run, e.g. one stopped before its last size) and exit")
     ap.add_argument("--loader-pass", help=argparse.SUPPRESS)  # TOKENS: the lm_loader child
     ap.add_argument("--params", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.loader_pass:
         print(f"{loader_pass(args.loader_pass, args.params)} batches")
         return 0
+    if args.report:
+        return report(Path(args.report))
     try:
         sizes = sorted({int(v) for v in args.sizes.split(",")})
     except ValueError:
