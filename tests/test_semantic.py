@@ -255,3 +255,21 @@ def test_purity_and_pnmi_on_known_cases():
     assert smet.pnmi(np.repeat([3, 9], 50), labels) == pytest.approx(1.0)
     assert smet.code_stats(np.array([0, 0, 1, 1]), 4) == {"clusters_used": 0.5,
                                                           "perplexity": pytest.approx(2.0)}
+
+
+def test_semantic_field_encodes_a_shard_in_bounded_groups():
+    """A shard of any length goes through w2v-BERT ``batch_size`` clips at a time, in order."""
+    from cantus.tokenize.semantic.tokenizer import SemanticTokens
+
+    seen = []
+
+    class Inner:
+        def encode_batch(self, wavs, sample_rate):
+            seen.append(len(wavs))
+            return [np.full(3, int(w[0]), np.int64) for w in wavs]
+
+    field = SemanticTokens.__new__(SemanticTokens)  # no model: the grouping alone
+    field.tok, field.sample_rate, field.batch_size = Inner(), 16000, 2
+    out = field.encode_batch([np.full(10, i, np.float32) for i in range(5)])
+    assert seen == [2, 2, 1]
+    assert [int(t[0]) for t in out] == [0, 1, 2, 3, 4] and out[0].dtype == np.uint16

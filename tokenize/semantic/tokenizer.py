@@ -23,8 +23,10 @@ class SemanticTokens:
     field = "semantic"
     models = ("semantic", "semantic_kmeans")
 
-    def __init__(self, models: dict[str, str], device: str = "cpu"):
+    def __init__(self, models: dict[str, str], device: str = "cpu", batch_size: int = 8):
         from cantus.tokenize.semantic.kmeans import SemanticTokenizer
+
+        self.batch_size = batch_size  # clips per w2v-BERT forward: memory is bounded per shard
 
         self.tok = SemanticTokenizer(models["semantic"], models["semantic_kmeans"], device=device)
         self.sample_rate = 16000
@@ -39,7 +41,11 @@ class SemanticTokens:
         return dict(self._desc)
 
     def encode_batch(self, wavs: list[np.ndarray]) -> list[np.ndarray]:
-        return [t.astype(np.uint16) for t in self.tok.encode_batch(wavs, self.sample_rate)]
+        out: list[np.ndarray] = []
+        for i in range(0, len(wavs), self.batch_size):
+            out += [t.astype(np.uint16) for t in
+                    self.tok.encode_batch(wavs[i:i + self.batch_size], self.sample_rate)]
+        return out
 
 
 def main(argv: list[str] | None = None) -> int:
