@@ -33,7 +33,6 @@ import argparse
 import dataclasses
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,6 +42,7 @@ import numpy as np
 import soundfile as sf
 
 from cantus import kernels
+from procs import ready_then_wait, run_together, watch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -108,9 +108,7 @@ def plain_loop(folder: Path, part: int, parts: int, go: Path) -> float:
     files = sorted(folder.iterdir())[part::parts]
     recs = [new_input(str(f), "local", path=str(f)) for f in files]
     process_file(recs[0], cfg, audio.file_hash(files[0]))  # first calls build caches, as Ray's
-    Path(f"{go}.ready{part}").touch()                     # warm-up run does for its workers
-    while not go.exists():
-        time.sleep(0.005)
+    ready_then_wait(go, part)                             # warm-up run does for its workers
     t0 = time.perf_counter()
     for rec in recs:
         if process_file(rec, cfg, audio.file_hash(rec["path"])).reject:
@@ -121,22 +119,11 @@ def plain_loop(folder: Path, part: int, parts: int, go: Path) -> float:
 def plain_processes(src: Path, work: Path, n: int, seconds: float) -> float:
     """Audio-seconds per wall-second of ``plain_loop`` in ``n`` processes side by side (one
     thread each), started together once all have imported; timed to the slowest."""
-    go = work / f"go-{n}-{time.monotonic_ns()}"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, __file__, "--loop-part", f"{k}/{n}",
-                               "--loop-folder", str(src), "--loop-go", str(go)],
-                              stdout=subprocess.PIPE, text=True, env=env) for k in range(n)]
-    while (sum(Path(f"{go}.ready{k}").exists() for k in range(n)) < n
-           and all(p.poll() is None for p in procs)):
-        time.sleep(0.01)
-    go.touch()
-    walls = []
-    for p in procs:
-        out, _ = p.communicate()
-        if p.returncode:
-            raise RuntimeError(f"plain loop process failed ({p.returncode})")
-        walls.append(float(out.split()[-1]))
-    return seconds / max(walls)
+    outs = run_together(lambda k, go: [sys.executable, __file__, "--loop-part", f"{k}/{n}",
+                                       "--loop-folder", str(src), "--loop-go", str(go)],
+                        n, work, env)
+    return seconds / max(float(out.split()[-1]) for out in outs)
 
 
 def verdict(ok: bool) -> str:
@@ -145,25 +132,11 @@ def verdict(ok: bool) -> str:
 
 def peak_rss(src: Path, work: Path, tag: str) -> tuple[float, float]:
     """(peak MiB of the whole process tree, peak MiB of the driver) for one CLI run."""
-    import psutil
-
     params = work / "params.yaml"
     cmd = [sys.executable, "-m", "cantus.ingest.run", "--params", str(params), "--source",
            str(src), "--out", str(work / f"rss_out_{tag}"), "--cache", str(work / f"rss_c_{tag}")]
-    proc = psutil.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    tree_peak = driver_peak = 0
-    while proc.poll() is None:
-        try:
-            procs = [proc] + proc.children(recursive=True)
-            rss = [p.memory_info().rss for p in procs if p.is_running()]
-            tree_peak = max(tree_peak, sum(rss))
-            driver_peak = max(driver_peak, rss[0])
-        except psutil.Error:
-            pass
-        time.sleep(0.05)
-    if proc.returncode != 0:
-        raise RuntimeError(f"ingest failed ({proc.returncode}): {' '.join(cmd)}")
-    return tree_peak / 2**20, driver_peak / 2**20
+    rec = watch(cmd, work / f"rss_{tag}.log", every=0.05)
+    return rec["tree_rss_mib"], rec["driver_rss_mib"]
 
 
 def main(argv: list[str] | None = None) -> int:

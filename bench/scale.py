@@ -39,13 +39,13 @@ import argparse
 import json
 import os
 import shlex
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import yaml
+
+import procs
 
 ROOT = Path(__file__).resolve().parents[1]
 # The dvc.yaml stages run, in order; lm_loader is this bench's own (LOADER).
@@ -97,44 +97,12 @@ def write_params(work: Path, pieces: int) -> Path:
     return work / "params.yaml"
 
 
-def watch(cmd: list[str], log: Path, every: float = 0.1) -> dict:
-    """Run ``cmd`` (output to ``log``) and sample its process tree: wall seconds, CPU
-    seconds of every process seen, peak RSS (MiB) of the driver, of its descendants
-    together (``workers``) and of the largest one."""
-    import psutil
-
-    mib = 2.0 ** 20
-    with log.open("w") as f:
-        t0 = time.perf_counter()
-        proc = psutil.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
-        cpu: dict[tuple[int, float], float] = {}  # (pid, start time) -> CPU seconds seen
-        driver = workers = largest = 0.0
-        while proc.poll() is None:
-            try:
-                kids = proc.children(recursive=True)
-            except psutil.Error:
-                kids = []
-            rss = []
-            for p in [proc] + kids:
-                try:
-                    with p.oneshot():
-                        t = p.cpu_times()
-                        cpu[(p.pid, p.create_time())] = t.user + t.system
-                        rss.append(p.memory_info().rss / mib)
-                except psutil.Error:
-                    rss.append(0.0)
-            if rss:
-                driver = max(driver, rss[0])
-                workers = max(workers, sum(rss[1:]))
-                largest = max(largest, max(rss[1:], default=0.0))
-            time.sleep(every)
-        wall = time.perf_counter() - t0
-    if proc.returncode:
-        tail = log.read_text(errors="replace")[-3000:]
-        raise RuntimeError(f"{shlex.join(cmd)} failed ({proc.returncode}); log {log}:\n{tail}")
-    return {"s": round(wall, 2), "cpu_s": round(sum(cpu.values()), 2),
-            "driver_rss_mib": round(driver, 1), "workers_rss_mib": round(workers, 1),
-            "largest_worker_rss_mib": round(largest, 1)}
+def watch(cmd: list[str], log: Path) -> dict:
+    """``procs.watch`` from the checkout: a stage's seconds, CPU seconds and peak RSS of its
+    driver, its workers together and its largest worker."""
+    rec = procs.watch(cmd, log, cwd=ROOT)
+    del rec["tree_rss_mib"]
+    return rec
 
 
 def loader_pass(tokens: str, params: str) -> int:

@@ -40,11 +40,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from procs import ready_then_wait, run_together, watch
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = {"codec": "models/codec", "semantic": "models/semantic",
@@ -84,9 +85,7 @@ def plain_loop(folder: Path, part: int, parts: int, go: Path) -> tuple[float, fl
     t0 = time.perf_counter()
     toks = [load_field(f, {m: str(ROOT / MODELS[m]) for m in ms}) for f, ms in FIELDS.items()]
     loaded = time.perf_counter() - t0
-    Path(f"{go}.ready{part}").touch()
-    while not go.exists():
-        time.sleep(0.005)
+    ready_then_wait(go, part)
     t1 = time.perf_counter()
     for path in sorted(folder.glob("*.tar"))[part::parts]:
         for _, fields in shards.iter_samples(path):
@@ -100,20 +99,10 @@ def plain_processes(folder: Path, work: Path, n: int) -> tuple[float, float]:
     """``plain_loop`` in ``n`` processes side by side, each on 1/n of the shards, started
     together once all have loaded: (loading s, tokenizing s of the slowest). With n = 1
     and 2 it is what this machine itself gives two workers, with no Ray in the way."""
-    go = work / f"go-{n}-{time.monotonic_ns()}"
-    procs = [subprocess.Popen([sys.executable, __file__, "--loop-part", f"{k}/{n}",
-                               "--loop-folder", str(folder), "--loop-go", str(go)],
-                              stdout=subprocess.PIPE, text=True) for k in range(n)]
-    while (sum(Path(f"{go}.ready{k}").exists() for k in range(n)) < n
-           and all(p.poll() is None for p in procs)):
-        time.sleep(0.01)
-    go.touch()
-    results = []
-    for p in procs:
-        out, _ = p.communicate()
-        if p.returncode:
-            raise RuntimeError(f"plain loop process failed ({p.returncode})")
-        results.append(tuple(float(v) for v in out.split()[-2:]))
+    outs = run_together(lambda k, go: [sys.executable, __file__, "--loop-part", f"{k}/{n}",
+                                       "--loop-folder", str(folder), "--loop-go", str(go)],
+                        n, work)
+    results = [tuple(float(v) for v in out.split()[-2:]) for out in outs]
     return max(r[0] for r in results), max(r[1] for r in results)
 
 
@@ -149,23 +138,10 @@ def pipeline(folder: Path, work: Path, actors: int, gpus: float = 0.0) -> tuple[
 
 def peak_rss(folder: Path, out: Path) -> float:
     """Peak MiB of the whole process tree of one acoustic-field CLI run on Ray."""
-    import psutil
-
     cmd = [sys.executable, "-m", "cantus.tokenize.codec.tokenizer", "--params",
            str(ROOT / "params.yaml"), "--audio", str(folder), "--codec",
            str(ROOT / MODELS["codec"]), "--out", str(out)]
-    proc = psutil.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    peak = 0
-    while proc.poll() is None:
-        try:
-            procs = [proc] + proc.children(recursive=True)
-            peak = max(peak, sum(p.memory_info().rss for p in procs if p.is_running()))
-        except psutil.Error:
-            pass
-        time.sleep(0.05)
-    if proc.returncode:
-        raise RuntimeError(f"tokenize failed ({proc.returncode}): {' '.join(cmd)}")
-    return peak / 2**20
+    return watch(cmd, out.parent / f"{out.name}.log", every=0.05)["tree_rss_mib"]
 
 
 def gpu_report(work: Path, secs: float) -> None:

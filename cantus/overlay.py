@@ -209,16 +209,26 @@ def apply(overlay_path: str | Path, params_path: str | Path = "params.yaml",
         validate(merged)
     except ConfigError as e:
         raise ConfigError(f"{overlay_path}: the merged params are invalid: {e}") from None
+    text = edit_text(params_path, lambda doc: _merge_into(doc, overlay, "",
+                                                          _assign_keeping_style), merged)
+    Path(out or params_path).write_text(text)
+    return changed_keys(overlay)
+
+
+def edit_text(params_path: str | Path, edit: Callable[[Any], None],
+              expected: dict[str, Any]) -> str:
+    """The text of a params file after ``edit`` changes its ruamel document in place
+    (comments, order and flow style kept); RuntimeError unless it loads as ``expected``."""
     y = _ruamel()
     doc = y.load(Path(params_path).read_text())
-    _merge_into(doc, overlay, "", _assign_keeping_style)
+    edit(doc)
     buf = io.StringIO()
     y.dump(doc, buf)
     text = buf.getvalue()
-    if yaml.safe_load(text) != merged:  # the round trip must give what merge() gives
-        raise RuntimeError("ruamel round trip disagrees with the merge; params not written")
-    Path(out or params_path).write_text(text)
-    return changed_keys(overlay)
+    if yaml.safe_load(text) != expected:  # the round trip must give what was asked for
+        raise RuntimeError(f"{params_path}: the ruamel round trip does not give the params "
+                           "asked for; not written")
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:

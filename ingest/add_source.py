@@ -156,27 +156,23 @@ def edit_params(params: Path, entry: dict[str, str]) -> tuple[str, int]:
     the result would not load."""
     from ruamel.yaml.comments import CommentedMap
 
-    from cantus.overlay import _ruamel
+    from cantus.overlay import edit_text
 
-    before = read_params(params)
-    sources = (before.get("ingest") or {}).get("sources")
+    want = read_params(params)
+    sources = (want.get("ingest") or {}).get("sources")
     if not isinstance(sources, list):
         raise ConfigError(f"{params}: no list 'ingest.sources' to add the source to")
-    y = _ruamel()
-    doc = y.load(params.read_text())
-    seq = doc["ingest"]["sources"]
-    item = CommentedMap(entry)
-    if len(seq) and getattr(seq[0], "fa", None) is not None and seq[0].fa.flow_style():
-        item.fa.set_flow_style()  # as the entries already there are written
-    seq.append(item)
-    buf = io.StringIO()
-    y.dump(doc, buf)
-    after = yaml.safe_load(buf.getvalue())
-    before["ingest"]["sources"] = [*sources, entry]
-    if after != before:
-        raise RuntimeError(f"{params}: the edit changed more than ingest.sources; not written")
-    from_dict(IngestConfig, after["ingest"], prefix="ingest")  # names a bad key
-    return buf.getvalue(), len(sources)
+    want["ingest"]["sources"] = [*sources, entry]
+    from_dict(IngestConfig, want["ingest"], prefix="ingest")  # names a bad key
+
+    def append(doc) -> None:
+        seq = doc["ingest"]["sources"]
+        item = CommentedMap(entry)
+        if len(seq) and getattr(seq[0], "fa", None) is not None and seq[0].fa.flow_style():
+            item.fa.set_flow_style()  # as the entries already there are written
+        seq.append(item)
+
+    return edit_text(params, append, want), len(sources)
 
 
 def add(path: str, kind: str | None = None, name: str | None = None,

@@ -18,6 +18,7 @@ from conftest import ROOT
 
 
 def _bench():
+    sys.path.insert(0, str(ROOT / "bench"))  # as when run as a script: its sibling procs.py
     spec = importlib.util.spec_from_file_location("bench_scale", ROOT / "bench" / "scale.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
