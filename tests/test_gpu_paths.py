@@ -95,8 +95,8 @@ def test_an_actors_device_follows_its_gpus_not_the_machine():
 def test_the_actor_count_is_capped_by_the_clusters_gpus():
     from cantus.tokenize.run import actor_count
 
-    cfg = _cfg(executor="ray", actors=0, cpus_per_actor=0.9, decode_cpus=0.1)
-    assert actor_count(cfg, 16, 0) == 17  # CPU actors: 17 x 0.9 + 0.1 <= 16 CPUs
+    cfg = _cfg(executor="ray", actors=0, cpus_per_actor=0.9)
+    assert actor_count(cfg, 16, 0) == 17  # CPU actors: 17 x 0.9 <= 16 CPUs
     gpu = dataclasses.replace(cfg, gpus_per_actor=1.0)
     assert actor_count(gpu, 16, 1) == 1       # not 16 actors waiting for one GPU
     assert actor_count(gpu, 16, 4) == 4
@@ -167,14 +167,14 @@ def test_cuda_errors_stop_the_actor_instead_of_becoming_rejects(error, tmp_path)
             raise error
 
     st = ShardTokenizer(Broken, {}, "cpu")
-    decoded = {"path": "x.tar", "keys": ["a", "b"], "wavs": [np.zeros(8, np.float32)] * 2,
-               "rejects": [], "input_sha256": "0"}
+    keys, wavs = ["a", "b"], [np.zeros(8, np.float32)] * 2
     with pytest.raises(type(error)):
-        st.run(decoded, str(tmp_path / "train-000000.tar"))
-    # any other error is the chunk's: a reject, and the shard is written
+        st.encode(keys, wavs, "x.tar")
+    # any other error is the chunk's: a reject for each, naming the shard
     st = ShardTokenizer(FailAll, {}, "cpu")
-    s = st.run(decoded, str(tmp_path / "train-000000.tar"))
-    assert [r["reason"] for r in s["rejects"]] == ["fake_error"] * 2
+    pairs, rejects = st.encode(keys, wavs, "x.tar")
+    assert pairs == [] and [r["reason"] for r in rejects] == ["fake_error"] * 2
+    assert all(r["detail"].startswith("x.tar: ") for r in rejects)
 
 
 def test_more_rejects_than_the_limit_fail_the_stage(audio, tmp_path, capsys):

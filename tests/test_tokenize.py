@@ -104,15 +104,15 @@ def test_a_chunk_the_tokenizer_cannot_handle_is_a_reject(corpus, monkeypatch):
     tmp, audio, models = corpus
     first_key = next(iter(__import__("cantus.shards", fromlist=["x"]).iter_samples(
         sorted(audio.glob("train-*.tar"))[0])))[0]
-    real = tokenize.ShardTokenizer.run
+    real = tokenize.ShardTokenizer.encode
 
-    def run_with_bad_chunk(self, decoded, out_path):
-        if first_key in decoded["keys"]:
-            i = decoded["keys"].index(first_key)
-            decoded["wavs"][i] = np.full(10, np.nan, np.float32)
-        return real(self, decoded, out_path)
+    def encode_with_bad_chunk(self, keys, wavs, path):
+        if first_key in keys:
+            wavs = list(wavs)
+            wavs[keys.index(first_key)] = np.full(10, np.nan, np.float32)
+        return real(self, keys, wavs, path)
 
-    monkeypatch.setattr(tokenize.ShardTokenizer, "run", run_with_bad_chunk)
+    monkeypatch.setattr(tokenize.ShardTokenizer, "encode", encode_with_bad_chunk)
     # one reject in 15 chunks: within a 0.1 limit (the default 0.05 would fail the stage)
     s = tokenize.run(_cfg(max_reject_fraction=0.1), FIELDS["acoustic"], audio,
                      {"codec": models["codec"]}, tmp / "bad")
@@ -121,6 +121,55 @@ def test_a_chunk_the_tokenizer_cannot_handle_is_a_reject(corpus, monkeypatch):
     rejects = pq.read_table(tmp / "bad" / "rejects.parquet").to_pylist()
     assert [(r["key"], r["reason"]) for r in rejects] == [(first_key, "acoustic_error")]
     assert "NaN" in rejects[0]["detail"] and s["rejects"] == 1
+
+
+def _whole_shard_tokens(audio, field, models):
+    """Each audio shard decoded whole and given to the tokenizer in one call: what the
+    stage wrote before it went a group at a time."""
+    from cantus.tokenize.fields import load_field
+    from cantus.tokenize.run import decode_shard
+
+    tok, out = load_field(field, models), {}
+    for path in sorted(audio.glob("*.tar")):
+        d = decode_shard(str(path), tok.sample_rate)
+        out.update(zip(d["keys"], tok.encode_batch(d["wavs"])))
+    return out
+
+
+def _written_tokens(folder, field):
+    return {k: item[field] for p in sorted(folder.glob("*.tar"))
+            for k, item in iter_token_samples(p)}
+
+
+@pytest.mark.parametrize("field, group", [("acoustic", None), ("mulan", 2)])
+def test_an_actor_holds_one_group_of_audio_and_writes_what_the_whole_shard_gives(
+        corpus, monkeypatch, field, group):
+    """A shard goes through the tokenizer GROUP chunks at a time (memory bounded at any
+    shard size), and writes the tokens the whole shard in one call gives, bit for bit:
+    the acoustic field at the stage's GROUP (its own batches are that size), and MuLan
+    (one clip at a time) with groups of 2, so that every shard of more than 2 is split."""
+    from cantus.tokenize import run as tokenize
+
+    tmp, audio, models = corpus
+    names = {n: models[n] for n in FIELD_ARGS[field]}
+    seen, real = [], tokenize.ShardTokenizer.encode
+
+    def encode(self, keys, wavs, path):
+        seen.append(len(wavs))
+        return real(self, keys, wavs, path)
+
+    monkeypatch.setattr(tokenize.ShardTokenizer, "encode", encode)
+    if group:
+        monkeypatch.setattr(tokenize, "GROUP", group)
+    out = tmp / f"grouped_{field}"
+    s = tokenize.run(_cfg(), FIELDS[field], audio, names, out)
+    limit = group or tokenize.GROUP
+    assert seen and max(seen) <= limit and sum(seen) == s["chunks"]
+    if group:
+        assert len(seen) > s["shards"]  # some shard was split into groups
+    ref, got = _whole_shard_tokens(audio, field, names), _written_tokens(out, field)
+    assert got.keys() == ref.keys()
+    assert all(np.array_equal(got[k], ref[k].astype(np.uint16)) for k in ref)
 
 
 def test_stages_are_split_by_field_so_a_refit_retokenizes_one_field():
@@ -146,8 +195,8 @@ import sys, time
 from cantus.tokenize import run
 from cantus.tokenize.codec import tokenizer
 real = run.ShardTokenizer.run
-def slow(self, decoded, out_path):
-    s = real(self, decoded, out_path)
+def slow(self, path, out_path):
+    s = real(self, path, out_path)
     time.sleep(1.0)
     return s
 run.ShardTokenizer.run = slow
@@ -345,7 +394,7 @@ def test_a_two_node_cluster_tokenizes_s3_shards_on_both_nodes_like_a_local_run(c
         pytest.fail("this test needs `unshare -n` (a private network namespace) to run Ray's "
                     "multi-node servers without exposing them")
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["tokenize"].update(executor="ray", actors=0, cpus_per_actor=0.9, decode_cpus=0.1)
+    params["tokenize"].update(executor="ray", actors=0, cpus_per_actor=0.9)
     (tmp / "cluster.yaml").write_text(yaml.safe_dump(params))
     (tmp / "cluster.py").write_text(CLUSTER)
     from cantus.tokenize import run as tokenize

@@ -66,10 +66,9 @@ def _require(ok: bool, key: str, why: str) -> None:
 @dataclass(frozen=True)
 class TokenizeConfig:
     executor: str          # "ray" or "local"
-    actors: int            # model actors per field (0 = one per CPU, minus the decoders')
+    actors: int            # model actors per field (0 = as many as the CPUs allow)
     cpus_per_actor: float  # Ray CPUs each actor holds
     gpus_per_actor: float  # Ray GPUs each actor holds (0 on CPU machines)
-    decode_cpus: float     # Ray CPUs of each decode task
     max_in_flight: int     # shards outstanding at once (0 = 2 per actor)
     device: str            # "cpu", "cuda" or "auto"
     max_reject_fraction: float  # more rejects than this fraction of the chunks fails the stage
@@ -79,7 +78,6 @@ class TokenizeConfig:
         _require(self.actors >= 0, "actors", "must be >= 0")
         _require(self.cpus_per_actor > 0, "cpus_per_actor", "must be positive")
         _require(self.gpus_per_actor >= 0, "gpus_per_actor", "must be >= 0")
-        _require(self.decode_cpus > 0, "decode_cpus", "must be positive")
         _require(self.max_in_flight >= 0, "max_in_flight", "must be >= 0")
         _require(self.device in ("cpu", "cuda", "auto"), "device", "must be cpu, cuda or auto")
         _require(0 <= self.max_reject_fraction < 1, "max_reject_fraction",
@@ -119,10 +117,10 @@ def actor_device(device: str, gpus_per_actor: float, gpu_ids: list) -> str:
 
 def actor_count(cfg: TokenizeConfig, cpus: float, gpus: float) -> int:
     """Model actors per field for a cluster of ``cpus`` CPUs and ``gpus`` GPUs (Ray's
-    counts): ``cfg.actors``, or for 0 as many as the CPUs allow beside one decode task,
+    counts): ``cfg.actors``, or for 0 as many as the CPUs allow,
     capped by the GPUs when actors hold GPUs. Raises ConfigError when the actors could
     never all start (they would wait forever for resources) or none fits."""
-    by_cpu = max(1, int((cpus - cfg.decode_cpus) // cfg.cpus_per_actor))
+    by_cpu = max(1, int(round(cpus / cfg.cpus_per_actor, 6)))
     n = cfg.actors or by_cpu
     if cfg.gpus_per_actor > 0:
         by_gpu = int(round(gpus / cfg.gpus_per_actor, 6))  # 0.5 per actor: 2 per GPU
@@ -135,10 +133,10 @@ def actor_count(cfg: TokenizeConfig, cpus: float, gpus: float) -> int:
                               f"{cfg.gpus_per_actor} exceeds the {gpus:g} GPUs Ray has: the "
                               "extra actors would never start")
         n = min(n, by_gpu)
-    if n * cfg.cpus_per_actor + cfg.decode_cpus > cpus:
-        raise ConfigError(f"'tokenize.actors' {n} x cpus_per_actor {cfg.cpus_per_actor} + "
-                          f"decode_cpus {cfg.decode_cpus} exceeds the {cpus:g} CPUs Ray has: "
-                          "decode tasks could never run")
+    if n * cfg.cpus_per_actor > cpus + 1e-6:
+        raise ConfigError(f"'tokenize.actors' {n} x cpus_per_actor {cfg.cpus_per_actor} "
+                          f"exceeds the {cpus:g} CPUs Ray has: the extra actors would never "
+                          "start")
     return n
 
 
@@ -168,30 +166,46 @@ def device_error(e: BaseException) -> bool:
                                                                   "cuBLAS"))
 
 
-def decode_shard(path: str, sample_rate: int) -> dict[str, Any]:
-    """CPU task: one audio shard -> its chunks at ``sample_rate`` (and undecodable keys)."""
-    from cantus import audio  # torch-free: a decode worker never imports torch
+GROUP = 8  # chunks decoded and encoded together: an actor never holds a whole shard's audio
+
+
+def decoded_groups(path: str, sample_rate: int, size: int = GROUP):
+    """``(digest, groups)``: the audio shard's sha256 and an iterator of its decoded chunks
+    at ``sample_rate``, ``size`` at a time, as ``(keys, wavs, rejects)``. Undecodable
+    samples are rejects, not a stop; only ``size`` decoded chunks are in memory at once."""
+    from cantus import audio  # decode's imports, deferred like decode_sample's
     from cantus.audio import decode_sample
 
-    keys, wavs, rejects = [], [], []
     data, digest = shards.read_hashed(path)  # one read: the identity and the samples
-    for key, fields in shards.iter_samples(data):
-        try:
-            x, meta = decode_sample(fields)
-            wavs.append(audio.resample(x, int(meta["sample_rate"]), sample_rate))
-            keys.append(key)
-        except Exception as e:  # a damaged sample must not stop the shard
-            rejects.append({"key": key, "reason": "decode_error", "detail": f"{path}: {e}"})
-    return {"path": path, "keys": keys, "wavs": wavs, "rejects": rejects,
-            "input_sha256": digest}
+
+    def groups():
+        keys, wavs, rejects = [], [], []
+        for key, fields in shards.iter_samples(data):
+            try:
+                x, meta = decode_sample(fields)
+                wavs.append(audio.resample(x, int(meta["sample_rate"]), sample_rate))
+                keys.append(key)
+            except Exception as e:  # a damaged sample must not stop the shard
+                rejects.append({"key": key, "reason": "decode_error", "detail": f"{path}: {e}"})
+            if len(wavs) == size:
+                yield keys, wavs, rejects
+                keys, wavs, rejects = [], [], []
+        if keys or rejects:
+            yield keys, wavs, rejects
+
+    return digest, groups()
 
 
-def warm_decoder() -> None:
-    """CPU task run while the actors load: a decode worker's imports, done before any shard."""
-    import soundfile  # noqa: F401  (decode_sample's and resample's deferred imports)
-    import soxr  # noqa: F401
-
-    from cantus import audio  # noqa: F401
+def decode_shard(path: str, sample_rate: int) -> dict[str, Any]:
+    """One audio shard's chunks at ``sample_rate``, all at once (for benches on a few shards;
+    the tokenize stage goes through ``decoded_groups``)."""
+    digest, groups = decoded_groups(path, sample_rate)
+    out = {"path": path, "keys": [], "wavs": [], "rejects": [], "input_sha256": digest}
+    for keys, wavs, rejects in groups:
+        out["keys"] += keys
+        out["wavs"] += wavs
+        out["rejects"] += rejects
+    return out
 
 
 class ShardTokenizer:
@@ -223,37 +237,48 @@ class ShardTokenizer:
         self.tok = open_tokenizer(tokenizer, models, device)
         self.field = tokenizer.field
 
-    def run(self, decoded: dict[str, Any], out_path: str) -> dict[str, Any]:
-        keys, tokens, rejects = [], [], list(decoded["rejects"])
+    def encode(self, keys: list[str], wavs: list, path: str) -> tuple[list, list]:
+        """``(pairs, rejects)`` for one group of decoded chunks of the shard at ``path``:
+        ``(key, tokens)`` for each chunk the tokenizer takes, a reject for each it cannot."""
         try:
-            encoded = self.tok.encode_batch(decoded["wavs"])
-            pairs = list(zip(decoded["keys"], encoded))
+            return list(zip(keys, self.tok.encode_batch(wavs))), []
         except Exception as e:  # find the chunk(s) at fault, one by one
             if device_error(e):
                 raise
-            pairs = []
-            for key, w in zip(decoded["keys"], decoded["wavs"]):
-                try:
-                    pairs.append((key, self.tok.encode_batch([w])[0]))
-                except Exception as e:
-                    if device_error(e):
-                        raise
-                    rejects.append({"key": key, "reason": f"{self.field}_error",
-                                    "detail": f"{decoded['path']}: {type(e).__name__}: {e}"})
-        for key, t in pairs:
-            keys.append(key)
-            tokens.append(t)
+        pairs, rejects = [], []
+        for key, w in zip(keys, wavs):
+            try:
+                pairs.append((key, self.tok.encode_batch([w])[0]))
+            except Exception as e:
+                if device_error(e):
+                    raise
+                rejects.append({"key": key, "reason": f"{self.field}_error",
+                                "detail": f"{path}: {type(e).__name__}: {e}"})
+        return pairs, rejects
+
+    def run(self, path: str, out_path: str) -> dict[str, Any]:
+        """Tokenize the audio shard at ``path`` into ``out_path``, ``GROUP`` chunks at a
+        time: the actor holds one group's audio and the shard's tokens, never its audio."""
+        keys, tokens, rejects, samples = [], [], [], 0
+        digest, groups = decoded_groups(path, self.tok.sample_rate, GROUP)
+        for group_keys, wavs, group_rejects in groups:
+            rejects += group_rejects
+            pairs, bad = self.encode(group_keys, wavs, path) if wavs else ([], [])
+            rejects += bad
+            kept = {k for k, _ in pairs}
+            samples += sum(len(w) for k, w in zip(group_keys, wavs) if k in kept)
+            for key, t in pairs:
+                keys.append(key)
+                tokens.append(t)
         summary = {"shard": Path(out_path).name, "keys": keys,
                    "lengths": [int(t.shape[-1]) for t in tokens], "rejects": rejects,
-                   "input_sha256": decoded["input_sha256"]}  # the audio shard it was made from
+                   "input_sha256": digest}  # the audio shard it was made from
         # The sidecar first: a shard that exists always has its sidecar.
         shards.atomic_write_json(_sidecar(out_path), summary)
         shards.write_shard(out_path, [(k, {f"{self.field}.npy": npy_bytes(t)})
                                       for k, t in zip(keys, tokens)])
         # the audio this shard tokenized, for the stage's real-time factor (not in the sidecar)
-        kept = set(keys)
-        audio_s = sum(len(w) for k, w in zip(decoded["keys"], decoded["wavs"]) if k in kept)
-        return {**summary, "audio_s": audio_s / self.tok.sample_rate}
+        return {**summary, "audio_s": samples / self.tok.sample_rate}
 
     def info(self) -> tuple[dict[str, Any], int, str]:
         """(manifest entry, input sample rate, Ray node id or "local")."""
@@ -315,9 +340,9 @@ def _prepare_out(out: str, description: dict[str, Any]) -> None:
     shards.makedirs(out)
 
 
-def _schedule_local(tokenizer: ShardTokenizer, jobs: list[tuple[str, str]], rate: int):
+def _schedule_local(tokenizer: ShardTokenizer, jobs: list[tuple[str, str]]):
     for path, out_path in jobs:
-        yield tokenizer.run(decode_shard(path, rate), out_path)
+        yield tokenizer.run(path, out_path)
 
 
 class ActorPool:
@@ -338,24 +363,16 @@ class ActorPool:
         self.actors = [actor_cls.remote(tokenizer, models, cfg.device, threads,
                                         cfg.gpus_per_actor) for _ in range(n)]
         self.cfg = cfg
-        # A fresh decode worker spends ~1 s importing before its first shard, and
-        # the actors would wait for it: start as many as can run beside the actors
-        # now, while the actors load their models (idle workers are kept, see init_ray).
-        window = cfg.max_in_flight or 2 * n
-        spare = int(round((total - n * cfg.cpus_per_actor) / cfg.decode_cpus, 6))
-        warm = ray.remote(num_cpus=cfg.decode_cpus)(warm_decoder)
-        warming = [warm.remote() for _ in range(max(1, min(window, spare)))]
         infos = ray.get([a.info.remote() for a in self.actors])
-        ray.get(warming)
         self.description, self.sample_rate = infos[0][0], infos[0][1]
         self.nodes = [i[2] for i in infos]
         log.info("%d %s actors on %d Ray node(s)", n, tokenizer.field, len(set(self.nodes)))
 
     def schedule(self, jobs: list[tuple[str, str]]):
-        """Decode tasks feed the actors, ``max_in_flight`` shards at a time."""
+        """Shard paths go to the actors (each reads and decodes its own, a group at a time),
+        ``max_in_flight`` shards outstanding."""
         import ray
 
-        decode = ray.remote(num_cpus=self.cfg.decode_cpus, max_retries=3)(decode_shard)
         n = len(self.actors)
         window = self.cfg.max_in_flight or 2 * n
         pending, it = {}, iter(enumerate(jobs))
@@ -365,8 +382,7 @@ class ActorPool:
                 if nxt is None:
                     break
                 i, (path, out_path) = nxt
-                ref = self.actors[i % n].run.remote(decode.remote(path, self.sample_rate),
-                                                    out_path)
+                ref = self.actors[i % n].run.remote(path, out_path)
                 pending[ref] = i % n
             if not pending:
                 break
@@ -404,7 +420,7 @@ def run(cfg: TokenizeConfig, tokenizer: type, audio_dir: str | Path, models: dic
             jobs.append((p, target))
     skipped = len(summaries)
     ready = time.perf_counter()
-    sched = (((s, "local") for s in _schedule_local(local, jobs, rate))
+    sched = (((s, "local") for s in _schedule_local(local, jobs))
              if cfg.executor == "local" else pool.schedule(jobs))
     nodes: dict[str, int] = {}
     audio_s = 0.0  # seconds of audio tokenized by this run (finished shards skipped)
