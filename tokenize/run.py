@@ -169,12 +169,11 @@ def device_error(e: BaseException) -> bool:
 GROUP = 8  # chunks decoded and encoded together: an actor never holds a whole shard's audio
 
 
-def decoded_groups(path: str, sample_rate: int, size: int = GROUP):
+def decoded_groups(path: str, sample_rate: int, size: int):
     """``(digest, groups)``: the audio shard's sha256 and an iterator of its decoded chunks
     at ``sample_rate``, ``size`` at a time, as ``(keys, wavs, rejects)``. Undecodable
     samples are rejects, not a stop; only ``size`` decoded chunks are in memory at once."""
-    from cantus import audio  # decode's imports, deferred like decode_sample's
-    from cantus.audio import decode_sample
+    from cantus.audio import decode_sample, resample  # deferred, like their own imports
 
     data, digest = shards.read_hashed(path)  # one read: the identity and the samples
 
@@ -183,7 +182,7 @@ def decoded_groups(path: str, sample_rate: int, size: int = GROUP):
         for key, fields in shards.iter_samples(data):
             try:
                 x, meta = decode_sample(fields)
-                wavs.append(audio.resample(x, int(meta["sample_rate"]), sample_rate))
+                wavs.append(resample(x, int(meta["sample_rate"]), sample_rate))
                 keys.append(key)
             except Exception as e:  # a damaged sample must not stop the shard
                 rejects.append({"key": key, "reason": "decode_error", "detail": f"{path}: {e}"})
@@ -199,7 +198,7 @@ def decoded_groups(path: str, sample_rate: int, size: int = GROUP):
 def decode_shard(path: str, sample_rate: int) -> dict[str, Any]:
     """One audio shard's chunks at ``sample_rate``, all at once (for benches on a few shards;
     the tokenize stage goes through ``decoded_groups``)."""
-    digest, groups = decoded_groups(path, sample_rate)
+    digest, groups = decoded_groups(path, sample_rate, GROUP)
     out = {"path": path, "keys": [], "wavs": [], "rejects": [], "input_sha256": digest}
     for keys, wavs, rejects in groups:
         out["keys"] += keys
@@ -259,17 +258,15 @@ class ShardTokenizer:
     def run(self, path: str, out_path: str) -> dict[str, Any]:
         """Tokenize the audio shard at ``path`` into ``out_path``, ``GROUP`` chunks at a
         time: the actor holds one group's audio and the shard's tokens, never its audio."""
-        keys, tokens, rejects, samples = [], [], [], 0
+        pairs, rejects, samples = [], [], 0
         digest, groups = decoded_groups(path, self.tok.sample_rate, GROUP)
         for group_keys, wavs, group_rejects in groups:
-            rejects += group_rejects
-            pairs, bad = self.encode(group_keys, wavs, path) if wavs else ([], [])
-            rejects += bad
-            kept = {k for k, _ in pairs}
-            samples += sum(len(w) for k, w in zip(group_keys, wavs) if k in kept)
-            for key, t in pairs:
-                keys.append(key)
-                tokens.append(t)
+            encoded, bad = self.encode(group_keys, wavs, path) if wavs else ([], [])
+            lengths = dict(zip(group_keys, map(len, wavs)))
+            samples += sum(lengths[k] for k, _ in encoded)
+            pairs += encoded
+            rejects += group_rejects + bad
+        keys, tokens = [k for k, _ in pairs], [t for _, t in pairs]
         summary = {"shard": Path(out_path).name, "keys": keys,
                    "lengths": [int(t.shape[-1]) for t in tokens], "rejects": rejects,
                    "input_sha256": digest}  # the audio shard it was made from
@@ -364,7 +361,7 @@ class ActorPool:
                                         cfg.gpus_per_actor) for _ in range(n)]
         self.cfg = cfg
         infos = ray.get([a.info.remote() for a in self.actors])
-        self.description, self.sample_rate = infos[0][0], infos[0][1]
+        self.description = infos[0][0]
         self.nodes = [i[2] for i in infos]
         log.info("%d %s actors on %d Ray node(s)", n, tokenizer.field, len(set(self.nodes)))
 
@@ -405,10 +402,10 @@ def run(cfg: TokenizeConfig, tokenizer: type, audio_dir: str | Path, models: dic
         raise FileNotFoundError(f"{audio_dir}: no audio shards (train-*.tar / valid-*.tar)")
     if cfg.executor == "local":
         local = ShardTokenizer(tokenizer, models, cfg.device)
-        description, rate, _ = local.info()
+        description = local.info()[0]
     else:
         pool = ActorPool(tokenizer, models, cfg)
-        description, rate = pool.description, pool.sample_rate
+        description = pool.description
     _prepare_out(out, description)
     shards.remove_unplanned(out, [Path(p).name for p in paths])
     summaries, jobs = {}, []
