@@ -46,6 +46,7 @@ from pathlib import Path
 import yaml
 
 import procs
+from cantus.config import read_params
 
 ROOT = Path(__file__).resolve().parents[1]
 # The dvc.yaml stages run, in order; lm_loader is this bench's own (LOADER).
@@ -81,13 +82,14 @@ def stage_command(stage: dict, work: Path, params: Path, models: Path = ROOT / "
     return out
 
 
-def write_params(work: Path, pieces: int) -> Path:
-    """``work/params.yaml``: this checkout's params.yaml with ``demo.num_pieces`` set and
+def write_params(work: Path, pieces: int, fit_frames: int) -> Path:
+    """``work/params.yaml``: this checkout's params.yaml with ``demo.num_pieces`` set, the
+    k-means fit's sample cap ``semantic.kmeans.max_frames`` at ``fit_frames``, and
     ``ingest.sources`` (where it exists) the work folder's demo corpus alone."""
-    from cantus.config import read_params
     from cantus.overlay import apply
 
-    changes: dict = {"demo": {"num_pieces": pieces}}
+    changes: dict = {"demo": {"num_pieces": pieces},
+                     "semantic": {"kmeans": {"max_frames": fit_frames}}}
     if "sources" in read_params(ROOT / "params.yaml")["ingest"]:
         changes["ingest"] = {"sources": [{"kind": "folder", "path": str(work / "demo"),
                                           "captions": ""}]}
@@ -124,12 +126,12 @@ def loader_pass(tokens: str, params: str) -> int:
     return batches
 
 
-def run_size(work: Path, pieces: int, cores: int, models: Path) -> dict:
+def run_size(work: Path, pieces: int, cores: int, models: Path, fit_frames: int) -> dict:
     """Every stage on a corpus of ``pieces`` demo pieces, in ``work``; the size's record."""
     work.mkdir(parents=True)
     (work / "metrics").mkdir()
     (work / "logs").mkdir()
-    params = write_params(work, pieces)
+    params = write_params(work, pieces, fit_frames)
     dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     stages = {}
     for name in STAGES:
@@ -142,12 +144,16 @@ def run_size(work: Path, pieces: int, cores: int, models: Path) -> dict:
         raise RuntimeError(f"ingest saw {stats['inputs']} inputs, not the {pieces} pieces "
                            f"rendered in {work / 'demo'}")
     hours = float(stats["hours_out"])
+    token_rate = read_params(params)["semantic"]["kmeans"]["token_rate"]
+    train_frames = int(float(stats["hours_by_split"]["train"]) * 3600 * token_rate)
     for s in stages.values():
         s["audio_h_per_core_h"] = round(hours / (s["s"] * cores / 3600), 1)
         s["audio_h_per_cpu_h"] = round(hours / (s["cpu_s"] / 3600), 1) if s["cpu_s"] else None
     total = sum(s["s"] for s in stages.values())
     return {"pieces": pieces, "audio_h": round(hours, 4), "chunks": stats["chunks"],
             "shards": stats["shards"], "cores": cores, "total_s": round(total, 1),
+            "train_frames": train_frames, "fit_frames": fit_frames,
+            "fit_sample_full": train_frames >= fit_frames,
             "audio_h_per_core_h": round(hours / (total * cores / 3600), 2), "stages": stages}
 
 
@@ -202,6 +208,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--base-pieces", type=int, default=48, help="demo pieces of the 1x corpus")
     ap.add_argument("--sizes", default="1,4,16", help="comma-separated multiples of the base")
+    ap.add_argument("--fit-frames", type=int, default=16384,
+                    help="the k-means fit's frame sample (semantic.kmeans.max_frames) for every "
+                         "size: its memory is that cap's, so the 1x train split should fill it "
+                         "(the default does for the default base)")
     ap.add_argument("--keep", help="work folder to keep (default: a temporary one, removed)")
     ap.add_argument("--models", default=str(ROOT / "models"),
                     help="folder of the trained models (codec, semantic, semantic_kmeans, "
@@ -221,8 +231,8 @@ def main(argv: list[str] | None = None) -> int:
         sizes = sorted({int(v) for v in args.sizes.split(",")})
     except ValueError:
         ap.error(f"--sizes {args.sizes!r}: expected comma-separated integers such as 1,4,16")
-    if args.base_pieces <= 0 or not sizes or sizes[0] <= 0:
-        ap.error("--base-pieces and every --sizes value must be positive")
+    if args.base_pieces <= 0 or not sizes or sizes[0] <= 0 or args.fit_frames <= 0:
+        ap.error("--base-pieces, --fit-frames and every --sizes value must be positive")
     models = Path(args.models).resolve()
     missing = [m for m in MODELS if not (models / m).is_dir()]
     if missing:
@@ -233,7 +243,9 @@ def main(argv: list[str] | None = None) -> int:
 
     cores = os.cpu_count() or 1
     print(kernels.describe())
-    print(f"load average at start: {_load()}; base {args.base_pieces} pieces; sizes {sizes}")
+    print(f"load average at start: {_load()}; base {args.base_pieces} pieces; sizes {sizes}; "
+          f"k-means fit sample capped at {args.fit_frames} frames "
+          f"(semantic.kmeans.max_frames) at every size")
     sys.stdout.flush()
     keep = Path(args.keep) if args.keep else None
     if keep and keep.exists() and any(keep.iterdir()):
@@ -242,9 +254,14 @@ def main(argv: list[str] | None = None) -> int:
         work = keep or Path(tmp)
         records = {}
         for size in sizes:
-            rec = run_size(work / f"{size}x", args.base_pieces * size, cores, models)
+            rec = run_size(work / f"{size}x", args.base_pieces * size, cores, models,
+                           args.fit_frames)
             records[size] = {"size": f"{size}x", **rec}
             print(json.dumps(records[size]))
+            if not rec["fit_sample_full"]:
+                print(f"note: {size}x has {rec['train_frames']} train frames, fewer than the "
+                      f"fit's cap of {args.fit_frames}: its k-means sample is not full, so "
+                      "that fit's memory still grows with the corpus")
             sys.stdout.flush()
     print(f"load average at end: {_load()}")
     if len(sizes) > 1:

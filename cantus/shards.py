@@ -11,15 +11,20 @@ Paths may be local or any fsspec URL (``s3://``, ``gs://``, ``file://``).
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import io
 import json
 import logging
 import os
+import shutil
 import tarfile
+import tempfile
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import fsspec
 
@@ -98,8 +103,6 @@ def makedirs(path: str | Path) -> None:
 
 def sha256(path: str | Path, block: int = 1 << 22) -> str:
     """sha256 of a file's bytes (local or any fsspec URL), read in blocks."""
-    import hashlib
-
     fs, p = _fs(path)
     h = hashlib.sha256()
     with fs.open(p, "rb") as f:
@@ -128,21 +131,47 @@ def remove_unplanned(folder: str | Path, planned: Iterable[str]) -> list[str]:
     return gone
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so the file appears whole or not at all."""
+@contextmanager
+def atomic_open(path: str | Path) -> Iterator[BinaryIO]:
+    """A binary file to write ``path`` through: the file appears at ``path`` whole when the
+    block ends, or not at all when it raises. Local files go to a temporary name that is
+    renamed into place; a URL's bytes are spooled to a local temporary file and uploaded
+    at the end (object stores publish an upload only once it is complete), so a writer
+    streams through it without holding the file in memory."""
     fs, p = _fs(path)
     parent = p.rsplit("/", 1)[0] if "/" in p else "."
     fs.makedirs(parent, exist_ok=True)
     if _is_local(fs):
         tmp = f"{p}.tmp-{uuid.uuid4().hex[:8]}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
-    else:  # object stores publish an upload only once it is complete
+        try:
+            with open(tmp, "wb") as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, p)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            raise
+    else:
+        with tempfile.TemporaryFile() as f:
+            yield f
+            f.seek(0)
+            with fs.open(p, "wb") as out:
+                shutil.copyfileobj(f, out, 1 << 22)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so the file appears whole or not at all."""
+    fs, p = _fs(path)
+    if not _is_local(fs):  # already in memory: no spool file
+        parent = p.rsplit("/", 1)[0] if "/" in p else "."
+        fs.makedirs(parent, exist_ok=True)
         with fs.open(p, "wb") as f:
             f.write(data)
+        return
+    with atomic_open(path) as f:
+        f.write(data)
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
@@ -151,14 +180,11 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_bytes(path, text.encode())
 
 
-def tar_bytes(samples: Iterable[tuple[str, Mapping[str, bytes]]]) -> bytes:
-    """Build a deterministic tar from ``(key, {field: bytes})`` samples.
-
-    Keys must not contain dots (WebDataset splits the member name at the first
-    dot); fields are written in sorted order.
-    """
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+def _write_tar(f: BinaryIO, samples: Iterable[tuple[str, Mapping[str, bytes]]]) -> None:
+    """Write ``(key, {field: bytes})`` samples to ``f`` as a deterministic tar, one member
+    at a time. Keys must not contain dots (WebDataset splits the member name at the first
+    dot); fields are written in sorted order."""
+    with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for key, fields in samples:
             if "." in key or "/" in key:
                 raise ValueError(f"shard key {key!r} must not contain '.' or '/'")
@@ -171,12 +197,20 @@ def tar_bytes(samples: Iterable[tuple[str, Mapping[str, bytes]]]) -> bytes:
                 info.uid = info.gid = 0
                 info.uname = info.gname = ""
                 tar.addfile(info, io.BytesIO(data))
+
+
+def tar_bytes(samples: Iterable[tuple[str, Mapping[str, bytes]]]) -> bytes:
+    """The bytes of the deterministic tar ``write_shard`` writes for ``samples``."""
+    buf = io.BytesIO()
+    _write_tar(buf, samples)
     return buf.getvalue()
 
 
 def write_shard(path: str | Path, samples: Iterable[tuple[str, Mapping[str, bytes]]]) -> None:
-    """Write one shard atomically."""
-    atomic_write_bytes(path, tar_bytes(samples))
+    """Write one shard atomically, streaming: ``samples`` may be a generator, and only the
+    sample being written is in memory."""
+    with atomic_open(path) as f:
+        _write_tar(f, samples)
 
 
 def member_names(path: str | Path) -> list[str]:
@@ -186,15 +220,89 @@ def member_names(path: str | Path) -> list[str]:
         return [m.name for m in tar]
 
 
+def member_index(path: str | Path) -> dict[str, tuple[int, int]]:
+    """``{member name: (offset of its data, size)}`` of a tar, reading headers only."""
+    fs, p = _fs(path)
+    with fs.open(p, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
+        return {m.name: (m.offset_data, m.size) for m in tar}
+
+
+def read_range(path: str | Path, offset: int, size: int) -> bytes:
+    """``size`` bytes of a file from ``offset`` (one seek and read; a range request on a URL)."""
+    fs, p = _fs(path)
+    with fs.open(p, "rb") as f:
+        f.seek(offset)
+        data = f.read(size)
+    if len(data) != size:
+        raise OSError(f"{path}: {size} bytes at {offset} asked, {len(data)} read (truncated?)")
+    return data
+
+
 def read_hashed(path: str | Path) -> tuple[bytes, str]:
     """A whole shard's bytes and their sha256, from one read (pass the bytes to
     ``iter_samples``)."""
-    import hashlib
-
     fs, p = _fs(path)
     with fs.open(p, "rb") as f:
         data = f.read()
     return data, hashlib.sha256(data).hexdigest()
+
+
+class _Hashing(io.RawIOBase):
+    """A read-only file that hashes every byte read through it."""
+
+    def __init__(self, raw: BinaryIO, digest):
+        self.raw, self.digest = raw, digest
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        n = self.raw.readinto(b) if hasattr(self.raw, "readinto") else None
+        if n is None:  # a file object without readinto
+            data = self.raw.read(len(b))
+            n = len(data)
+            b[:n] = data
+        self.digest.update(memoryview(b)[:n])
+        return n
+
+
+class HashedSamples:
+    """A shard's samples streamed in one read, with the sha256 of the whole file.
+
+    Iterate it once for ``(key, {field: bytes})`` in order (``fields`` limits which are
+    read); ``sha256`` is set once the iteration has ended. Only the current sample is in
+    memory, never the shard."""
+
+    def __init__(self, path: str | Path, fields: tuple[str, ...] | None = None):
+        self.path, self.fields = path, fields
+        self.sha256: str | None = None
+
+    def __iter__(self) -> Iterator[tuple[str, dict[str, bytes]]]:
+        fs, p = _fs(self.path)
+        digest = hashlib.sha256()
+        with fs.open(p, "rb") as raw:
+            f = io.BufferedReader(_Hashing(raw, digest), 1 << 20)
+            with tarfile.open(fileobj=f, mode="r|") as tar:
+                yield from _grouped(tar, self.fields)
+            while f.read(1 << 20):  # the end-of-archive padding is part of the file
+                pass
+        self.sha256 = digest.hexdigest()
+
+
+def _grouped(tar: tarfile.TarFile, fields: tuple[str, ...] | None
+             ) -> Iterator[tuple[str, dict[str, bytes]]]:
+    want = set(fields) if fields is not None else None
+    key, found = None, {}
+    for m in tar:
+        k, _, field = m.name.partition(".")
+        if key is not None and k != key:
+            yield key, found
+            found = {}
+        key = k
+        if want is None or field in want:
+            found[field] = tar.extractfile(m).read()
+    if key is not None:
+        yield key, found
 
 
 def iter_samples(path: str | Path | bytes, fields: tuple[str, ...] | None = None
@@ -204,24 +312,13 @@ def iter_samples(path: str | Path | bytes, fields: tuple[str, ...] | None = None
 
     ``fields`` limits which members are read (the others are skipped unread).
     """
-    want = set(fields) if fields is not None else None
-    key, found = None, {}
     if isinstance(path, bytes):
         opened = io.BytesIO(path)
     else:
         fs, p = _fs(path)
         opened = fs.open(p, "rb")
     with opened as f, tarfile.open(fileobj=f, mode="r:") as tar:
-        for m in tar:
-            k, _, field = m.name.partition(".")
-            if key is not None and k != key:
-                yield key, found
-                found = {}
-            key = k
-            if want is None or field in want:
-                found[field] = tar.extractfile(m).read()
-    if key is not None:
-        yield key, found
+        yield from _grouped(tar, fields)
 
 
 def write_parquet(path: str | Path, table) -> None:

@@ -21,7 +21,7 @@ from cantus import shards
 from cantus.ingest.dedup import FingerprintSpool, find_duplicates
 from cantus.ingest.params import IngestConfig
 from cantus.ingest.sources import flat_tags, printable
-from cantus.ingest.staging import load_flac
+from cantus.ingest import staging as staging_files
 
 SPLITS = ("train", "valid")
 
@@ -207,14 +207,15 @@ def write_shard_task(job: dict[str, Any]) -> bool:
     """
     if shards.exists(job["path"]) and _shard_matches(job):
         return True
-    by_staging: dict[str, set[str]] = {}
-    for key, staging, _ in job["samples"]:
-        by_staging.setdefault(staging, set()).add(key)
-    flac: dict[str, bytes] = {}
-    for staging, keys in by_staging.items():
-        flac.update(load_flac(staging, keys))
-    shards.write_shard(job["path"], [(key, {"flac": flac[key], "json": meta.encode()})
-                                     for key, _, meta in job["samples"]])
+    readers: dict[str, staging_files.FlacReader] = {}
+
+    def samples():  # one chunk's FLAC in memory at a time, read from its staging file
+        for key, staging, meta in job["samples"]:
+            if staging not in readers:
+                readers[staging] = staging_files.FlacReader(staging)
+            yield key, {"flac": readers[staging].read(key), "json": meta.encode()}
+
+    shards.write_shard(job["path"], samples())
     return False
 
 

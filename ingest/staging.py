@@ -100,6 +100,15 @@ def load_summary(path: str) -> dict[str, Any]:
     raise ValueError(f"{path}: staging file has no summary")
 
 
-def load_flac(path: str, keys: set[str]) -> dict[str, bytes]:
-    """FLAC bytes of the chunks ``keys`` from one staging file."""
-    return {k: f["flac"] for k, f in shards.iter_samples(path) if k in keys}
+class FlacReader:
+    """Single chunks' FLAC bytes from one staging file: its tar headers are read once,
+    then each chunk is one seek and read, so a shard writer holds one chunk at a time."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.index = shards.member_index(path)
+
+    def read(self, key: str) -> bytes:
+        if f"{key}.flac" not in self.index:
+            raise KeyError(f"{self.path}: staging file has no chunk {key}")
+        return shards.read_range(self.path, *self.index[f"{key}.flac"])

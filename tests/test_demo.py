@@ -223,3 +223,19 @@ def test_demo_folder_ingests_with_its_captions_and_tags(runs, tmp_path):
         m = by_name[r["path"]]
         assert m["caption"] == r["caption"] and m["licence"] == r["licence"]
         assert set(r["tags"]["instruments"]) <= set(m["tags"])
+
+
+def test_a_tune_of_strains_ending_in_end_repeats_plays_each_strain_twice():
+    """O'Neill's 1010 writes seven strains as ``...:|`` with no ``|:``; each repeats back
+    to the previous ``:|``, so it expands to twice its length (not 36 times, as music21
+    alone expands it, which held 270 MiB for one 20 s rendering)."""
+    cand = next(c for c in demo.candidates("oneills1850") if c.number == 1010)
+    from music21 import corpus, stream
+
+    score = corpus.parse(cand.path, forceSource=True, number=cand.number)
+    if isinstance(score, stream.Opus):
+        score = score.scores[0]
+    written = score.highestTime
+    piece = demo.load_piece(cand)
+    assert piece.title == "Biddy Maloney" and written == 168.0
+    assert piece.length_ql == 2 * written

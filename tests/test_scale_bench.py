@@ -70,11 +70,12 @@ def test_fits_write_their_codebooks_in_the_work_folder(scale, dvc_stages, tmp_pa
     assert cmd[cmd.index("--semantic-kmeans") + 1] == str(ROOT / "models" / "semantic_kmeans")
 
 
-def test_params_overlay_sets_the_corpus_size_and_source_only(scale, tmp_path):
-    params = scale.write_params(tmp_path, 7)
+def test_params_overlay_sets_the_corpus_size_the_fit_cap_and_source_only(scale, tmp_path):
+    params = scale.write_params(tmp_path, 7, 1234)
     got, base = (yaml.safe_load(p.read_text()) for p in (params, ROOT / "params.yaml"))
-    assert got["demo"]["num_pieces"] == 7
+    assert got["demo"]["num_pieces"] == 7 and got["semantic"]["kmeans"]["max_frames"] == 1234
     got["demo"]["num_pieces"] = base["demo"]["num_pieces"]
+    got["semantic"]["kmeans"]["max_frames"] = base["semantic"]["kmeans"]["max_frames"]
     if "sources" in base["ingest"]:  # ingest reads the work folder's corpus, not data/demo
         assert [s["path"] for s in got["ingest"]["sources"]] == [str(tmp_path / "demo")]
         got["ingest"]["sources"] = base["ingest"]["sources"]

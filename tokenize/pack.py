@@ -60,27 +60,31 @@ def align(acoustic, semantic):
 
 def pack_shard(audio_path: str, folders: dict[str, str], out: str) -> dict[str, Any]:
     name = Path(audio_path).name
-    data, digest = shards.read_hashed(audio_path)  # one read: the identity and the metadata
-    tokens = {f: _field_tokens(folders[f], name, f, digest) for f in FIELDS}
-    samples, rows, rejects = [], [], []
-    for key, fields in shards.iter_samples(data, fields=("json",)):
-        meta = json.loads(fields["json"])
-        missing = [f for f in FIELDS if key not in tokens[f]]
-        if missing:
-            rejects.append({"key": key, "reason": "missing_field",
-                            "detail": f"{name}: no {', '.join(missing)} tokens for {key}"})
-            continue
-        a, s = align(tokens["acoustic"][key], tokens["semantic"][key])
-        if s.shape[0] == 0:
-            rejects.append({"key": key, "reason": "too_short",
-                            "detail": f"{name}: {key} is shorter than one semantic frame"})
-            continue
-        toks = {"acoustic": a, "semantic": s, "mulan": tokens["mulan"][key]}
-        samples.append((key, sample_fields(toks, {k: meta.get(k) for k in _META_KEYS})))
-        rows.append({"key": key, "split": meta["split"], "shard": name,
-                     "acoustic_frames": int(a.shape[1]), "semantic_frames": int(s.shape[0]),
-                     "seconds": s.shape[0] / SEMANTIC_HZ})
-    shards.write_shard(shards.join(out, name), samples)
+    audio = shards.HashedSamples(audio_path, fields=("json",))
+    # one streaming read of the audio shard: its chunks' metadata, then its identity
+    metas = [(key, json.loads(fields["json"])) for key, fields in audio]
+    tokens = {f: _field_tokens(folders[f], name, f, audio.sha256) for f in FIELDS}
+    rows, rejects = [], []
+
+    def samples():  # written as they are made: one packed sample in memory at a time
+        for key, meta in metas:
+            missing = [f for f in FIELDS if key not in tokens[f]]
+            if missing:
+                rejects.append({"key": key, "reason": "missing_field",
+                                "detail": f"{name}: no {', '.join(missing)} tokens for {key}"})
+                continue
+            a, s = align(tokens["acoustic"][key], tokens["semantic"][key])
+            if s.shape[0] == 0:
+                rejects.append({"key": key, "reason": "too_short",
+                                "detail": f"{name}: {key} is shorter than one semantic frame"})
+                continue
+            toks = {"acoustic": a, "semantic": s, "mulan": tokens["mulan"][key]}
+            yield key, sample_fields(toks, {k: meta.get(k) for k in _META_KEYS})
+            rows.append({"key": key, "split": meta["split"], "shard": name,
+                         "acoustic_frames": int(a.shape[1]), "semantic_frames": int(s.shape[0]),
+                         "seconds": s.shape[0] / SEMANTIC_HZ})
+
+    shards.write_shard(shards.join(out, name), samples())
     return {"rows": rows, "rejects": rejects}
 
 

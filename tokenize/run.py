@@ -170,16 +170,19 @@ GROUP = 8  # chunks decoded and encoded together: an actor never holds a whole s
 
 
 def decoded_groups(path: str, sample_rate: int, size: int):
-    """``(digest, groups)``: the audio shard's sha256 and an iterator of its decoded chunks
-    at ``sample_rate``, ``size`` at a time, as ``(keys, wavs, rejects)``. Undecodable
-    samples are rejects, not a stop; only ``size`` decoded chunks are in memory at once."""
+    """``(shard, groups)``: an iterator of the audio shard's decoded chunks at
+    ``sample_rate``, ``size`` at a time, as ``(keys, wavs, rejects)``, and the
+    ``shards.HashedSamples`` it streams, whose ``sha256`` (the shard's identity) is set
+    once ``groups`` is exhausted. Undecodable samples are rejects, not a stop. The shard
+    is read once, as a stream: only one group of decoded chunks is in memory at a time,
+    never the shard's bytes."""
     from cantus.audio import decode_sample, resample  # deferred, like their own imports
 
-    data, digest = shards.read_hashed(path)  # one read: the identity and the samples
+    shard = shards.HashedSamples(path)
 
     def groups():
         keys, wavs, rejects = [], [], []
-        for key, fields in shards.iter_samples(data):
+        for key, fields in shard:
             try:
                 x, meta = decode_sample(fields)
                 wavs.append(resample(x, int(meta["sample_rate"]), sample_rate))
@@ -192,19 +195,19 @@ def decoded_groups(path: str, sample_rate: int, size: int):
         if keys or rejects:
             yield keys, wavs, rejects
 
-    return digest, groups()
+    return shard, groups()
 
 
 def decode_shard(path: str, sample_rate: int) -> dict[str, Any]:
     """One audio shard's chunks at ``sample_rate``, all at once (for benches on a few shards;
     the tokenize stage goes through ``decoded_groups``)."""
-    digest, groups = decoded_groups(path, sample_rate, GROUP)
-    out = {"path": path, "keys": [], "wavs": [], "rejects": [], "input_sha256": digest}
+    shard, groups = decoded_groups(path, sample_rate, GROUP)
+    out = {"path": path, "keys": [], "wavs": [], "rejects": []}
     for keys, wavs, rejects in groups:
         out["keys"] += keys
         out["wavs"] += wavs
         out["rejects"] += rejects
-    return out
+    return out | {"input_sha256": shard.sha256}
 
 
 class ShardTokenizer:
@@ -257,9 +260,10 @@ class ShardTokenizer:
 
     def run(self, path: str, out_path: str) -> dict[str, Any]:
         """Tokenize the audio shard at ``path`` into ``out_path``, ``GROUP`` chunks at a
-        time: the actor holds one group's audio and the shard's tokens, never its audio."""
+        time: the actor holds one group's audio and the shard's tokens, never its audio
+        (decoded or not)."""
         pairs, rejects, samples = [], [], 0
-        digest, groups = decoded_groups(path, self.tok.sample_rate, GROUP)
+        shard, groups = decoded_groups(path, self.tok.sample_rate, GROUP)
         for group_keys, wavs, group_rejects in groups:
             encoded, bad = self.encode(group_keys, wavs, path) if wavs else ([], [])
             lengths = dict(zip(group_keys, map(len, wavs)))
@@ -269,7 +273,7 @@ class ShardTokenizer:
         keys, tokens = [k for k, _ in pairs], [t for _, t in pairs]
         summary = {"shard": Path(out_path).name, "keys": keys,
                    "lengths": [int(t.shape[-1]) for t in tokens], "rejects": rejects,
-                   "input_sha256": digest}  # the audio shard it was made from
+                   "input_sha256": shard.sha256}  # the audio shard it was made from
         # The sidecar first: a shard that exists always has its sidecar.
         shards.atomic_write_json(_sidecar(out_path), summary)
         shards.write_shard(out_path, [(k, {f"{self.field}.npy": npy_bytes(t)})
