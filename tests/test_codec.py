@@ -72,7 +72,7 @@ def test_cpu_inference_path_equals_the_modules(size):
 
     for batch, frames in ((1, 1), (2, 23), (3, 61)):
         wav = 0.1 * torch.randn(batch, 1, frames * cfg.hop)
-        for plan in (None, Prefer("line"), Prefer("frames")):
+        for plan in (None, Prefer("line"), Prefer("frames"), Prefer("winograd")):
             with torch.inference_mode():
                 ref = model.encoder(wav)
                 z = codec_cpu.encode_latents(model.encoder, wav, cfg.hop, cfg.strides, plan)
@@ -89,6 +89,19 @@ def test_cpu_inference_path_equals_the_modules(size):
     with torch.inference_mode():
         ref_codes = model.quantizer.encode(model.encoder(wav[:, None]).float())
     assert (codes.long() == ref_codes).float().mean() > 0.99
+
+
+def test_winograd_matrices_compute_the_correlation_of_a_tile():
+    """AT @ ((G @ g) * (BT @ x)) is the 7-tap correlation of a 10-sample tile (float64)."""
+    from cantus.tokenize.codec import cpu as codec_cpu
+
+    at, g_mat, bt = codec_cpu.winograd_matrices(7)
+    assert at.shape == (4, 10) and g_mat.shape == (10, 7) and bt.shape == (10, 10)
+    gen = torch.Generator().manual_seed(0)
+    g = torch.randn(7, dtype=torch.float64, generator=gen)
+    x = torch.randn(10, dtype=torch.float64, generator=gen)
+    want = torch.stack([(g * x[i:i + 7]).sum() for i in range(4)])
+    assert torch.allclose(at @ ((g_mat @ g) * (bt @ x)), want, atol=1e-12)
 
 
 def test_codec_path_is_chosen_per_machine_cached_and_forced(monkeypatch, tmp_path):
