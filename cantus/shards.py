@@ -131,6 +131,13 @@ def remove_unplanned(folder: str | Path, planned: Iterable[str]) -> list[str]:
     return gone
 
 
+def _with_parent(path: str | Path):
+    """``(fs, p)`` of ``path``, its parent folder made."""
+    fs, p = _fs(path)
+    fs.makedirs(p.rsplit("/", 1)[0] if "/" in p else ".", exist_ok=True)
+    return fs, p
+
+
 @contextmanager
 def atomic_open(path: str | Path) -> Iterator[BinaryIO]:
     """A binary file to write ``path`` through: the file appears at ``path`` whole when the
@@ -138,9 +145,7 @@ def atomic_open(path: str | Path) -> Iterator[BinaryIO]:
     renamed into place; a URL's bytes are spooled to a local temporary file and uploaded
     at the end (object stores publish an upload only once it is complete), so a writer
     streams through it without holding the file in memory."""
-    fs, p = _fs(path)
-    parent = p.rsplit("/", 1)[0] if "/" in p else "."
-    fs.makedirs(parent, exist_ok=True)
+    fs, p = _with_parent(path)
     if _is_local(fs):
         tmp = f"{p}.tmp-{uuid.uuid4().hex[:8]}"
         try:
@@ -164,14 +169,13 @@ def atomic_open(path: str | Path) -> Iterator[BinaryIO]:
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so the file appears whole or not at all."""
     fs, p = _fs(path)
-    if not _is_local(fs):  # already in memory: no spool file
-        parent = p.rsplit("/", 1)[0] if "/" in p else "."
-        fs.makedirs(parent, exist_ok=True)
+    if _is_local(fs):
+        with atomic_open(path) as f:
+            f.write(data)
+    else:  # already in memory: uploaded as it is, with no spool file
+        fs, p = _with_parent(path)
         with fs.open(p, "wb") as f:
             f.write(data)
-        return
-    with atomic_open(path) as f:
-        f.write(data)
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
@@ -238,15 +242,6 @@ def read_range(path: str | Path, offset: int, size: int) -> bytes:
     return data
 
 
-def read_hashed(path: str | Path) -> tuple[bytes, str]:
-    """A whole shard's bytes and their sha256, from one read (pass the bytes to
-    ``iter_samples``)."""
-    fs, p = _fs(path)
-    with fs.open(p, "rb") as f:
-        data = f.read()
-    return data, hashlib.sha256(data).hexdigest()
-
-
 class _Hashing(io.RawIOBase):
     """A read-only file that hashes every byte read through it."""
 
@@ -257,11 +252,7 @@ class _Hashing(io.RawIOBase):
         return True
 
     def readinto(self, b) -> int:
-        n = self.raw.readinto(b) if hasattr(self.raw, "readinto") else None
-        if n is None:  # a file object without readinto
-            data = self.raw.read(len(b))
-            n = len(data)
-            b[:n] = data
+        n = self.raw.readinto(b)
         self.digest.update(memoryview(b)[:n])
         return n
 
@@ -308,7 +299,7 @@ def _grouped(tar: tarfile.TarFile, fields: tuple[str, ...] | None
 def iter_samples(path: str | Path | bytes, fields: tuple[str, ...] | None = None
                  ) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Read ``(key, {field: bytes})`` samples back from a shard (its path, or its bytes
-    from ``read_hashed``), in order.
+    already read), in order.
 
     ``fields`` limits which members are read (the others are skipped unread).
     """
