@@ -84,13 +84,10 @@ def swap_conditioning(layout: Layout, own: dict[str, np.ndarray], other: dict[st
 
 def _ppl(model, layout: Layout, crops: list[dict[str, np.ndarray]], batch_size: int,
          drop: bool = False) -> float:
+    from cantus.train.data import encoded
     from cantus.train.run import evaluate
 
-    items = []
-    for t in crops:
-        ids, block, target = layout.encode(t, drop_cond=drop)
-        items.append({"ids": torch.from_numpy(ids), "block": torch.from_numpy(block),
-                      "target": torch.from_numpy(target), "key": ""})
+    items = [encoded(layout, t, drop) for t in crops]
     nll = evaluate(model, layout, list(batched(iter(items), batch_size)), torch.device("cpu"),
                    False)
     return math.exp(nll)

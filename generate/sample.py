@@ -12,7 +12,9 @@ conditioning and the target frames already fixed, then target tokens are
 drawn one at a time, each over its own codebook block. Lengths beyond the
 training crop slide the window by half a crop (MusicLM: 15 s of new tokens
 after a 15 s prefix for 30 s crops); the last window is aligned to the end,
-so every window has the crop's full length. Classifier-free guidance runs
+so every window has the crop's full length. A stage with aligned
+conditioning gets each position's conditioning frame beside its id, as in
+training. Classifier-free guidance runs
 the conditioned and the ``null``-conditioned rows in one batch:
 ``logits = uncond + scale * (cond - uncond)``.
 
@@ -61,18 +63,29 @@ def _pick(logits: torch.Tensor, opts: SampleOptions, gen: torch.Generator) -> to
 
 @torch.no_grad()
 def sample_ids(model, layout: Layout, prefix: torch.Tensor, n_new: int, opts: SampleOptions,
-               gen: torch.Generator, uncond: torch.Tensor | None = None) -> torch.Tensor:
+               gen: torch.Generator, uncond: torch.Tensor | None = None,
+               cond: torch.Tensor | None = None, uncond_cond: torch.Tensor | None = None
+               ) -> torch.Tensor:
     """Draw ``n_new`` target ids after ``prefix`` int64[B, P] (whole target frames so far).
 
     ``uncond`` int64[B, P]: the same prefix with the droppable conditioning
     replaced by ``null``; with it, the logits are guided by ``opts.guidance``.
+    ``cond`` int64[B, P + n_new, C]: the aligned conditioning of every position
+    (``layout.cond_positions``) for a layout that has it, ``uncond_cond`` the same
+    with ``null`` MuLan ids for the guided rows.
     Returns int64[B, n_new] ids of the stage vocabulary.
     """
     b, p = prefix.shape
     guided = uncond is not None and opts.guidance != 1.0
     rows = torch.cat([prefix, uncond]) if guided else prefix
+    if layout.cond_width and (cond is None or (guided and uncond_cond is None)):
+        raise ValueError(f"the {layout.spec.name} stage has aligned conditioning: pass cond")
+    conds = None
+    if layout.cond_width:
+        conds = torch.cat([cond, uncond_cond]) if guided else cond  # (R, P + n_new, C)
     cache = model.new_cache(rows.shape[0], p + n_new)
-    h = model(rows, cache=cache, head=False)[:, -1]           # (R, D)
+    h = model(rows, cache=cache, head=False,
+              cond=None if conds is None else conds[:, :p])[:, -1]  # (R, D)
     out = torch.empty(b, n_new, dtype=torch.long, device=prefix.device)
     for i in range(n_new):
         blk = layout.next_block(i)  # prefixes hold whole frames, so i counts levels from 0
@@ -85,7 +98,8 @@ def sample_ids(model, layout: Layout, prefix: torch.Tensor, n_new: int, opts: Sa
         out[:, i] = ids
         if i + 1 < n_new:
             step = torch.cat([ids, ids]) if guided else ids
-            h = model(step[:, None], cache=cache, head=False)[:, -1]
+            at = None if conds is None else conds[:, p + i:p + i + 1]
+            h = model(step[:, None], cache=cache, head=False, cond=at)[:, -1]
     return out
 
 
@@ -151,16 +165,29 @@ def sample_frames(model, layout: Layout, cond_fn: CondFn, frames: int, opts: Sam
     for start, first in window_starts(frames, window, made):
         end = min(frames, start + window)
         cond = cond_fn(start, end)
-        rows, unc = [], []
+        n_new = (end - first) * levels
+        rows, unc, al, unc_al = [], [], [], []
+        guided = droppable and opts.guidance != 1.0
         for r in range(batch):
             tokens = {f: v[r] for f, v in cond.items()}
             fixed = _target_ids(layout, codes[r, ..., start:first])
-            rows.append(np.concatenate([layout.prefix(tokens), fixed]))
-            if droppable and opts.guidance != 1.0:
+            head = layout.prefix(tokens)
+            rows.append(np.concatenate([head, fixed]))
+            if guided:
                 unc.append(np.concatenate([layout.prefix(tokens, drop_cond=True), fixed]))
+            if layout.cond_width:  # the conditioning of each position's next token
+                n = head.shape[0] + fixed.shape[0] + n_new
+                al.append(layout.cond_positions(layout.target_cond(tokens, end - start),
+                                                head.shape[0], n))
+                if guided:
+                    unc_al.append(layout.cond_positions(
+                        layout.target_cond(tokens, end - start, drop_cond=True),
+                        head.shape[0], n))
         prefix = torch.from_numpy(np.stack(rows)).to(device)
         uncond = torch.from_numpy(np.stack(unc)).to(device) if unc else None
-        ids = sample_ids(model, layout, prefix, (end - first) * levels, opts, gen, uncond)
+        aligned = torch.from_numpy(np.stack(al)).to(device) if al else None
+        unc_aligned = torch.from_numpy(np.stack(unc_al)).to(device) if unc_al else None
+        ids = sample_ids(model, layout, prefix, n_new, opts, gen, uncond, aligned, unc_aligned)
         for r, row in enumerate(ids.cpu().numpy()):
             codes[r, ..., first:end] = layout.decode(row)
         if progress is not None:

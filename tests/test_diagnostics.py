@@ -28,7 +28,7 @@ class FirstTokenModel(torch.nn.Module):
         self.embed.weight.data = torch.eye(vocab)
         self.copy, self.k = copy, K
 
-    def forward(self, ids: torch.Tensor, head: bool = True) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, head: bool = True, cond=None) -> torch.Tensor:
         b, t = ids.shape
         h = torch.zeros(b, t, self.embed.weight.shape[0])
         if self.copy:

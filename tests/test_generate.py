@@ -287,3 +287,54 @@ def test_evaluation_stage_scores_generations_and_renders_every_section(models, t
         assert section in page
     assert page.count("<audio") >= 5 and page.count("data:image/png;base64") >= 7
     assert "real through the codec" in page
+
+
+def aligned_lm(stage: str, seed: int = 0):
+    torch.manual_seed(seed)
+    lay = Layout(stage_spec(stage), K, CROPS[stage], False, aligned=True)
+    return build_model(tiny(), lay).eval(), lay
+
+
+@pytest.mark.parametrize("stage,guidance", [("semantic", 1.0), ("coarse", 1.0),
+                                            ("coarse", 3.0), ("fine", 1.0)])
+def test_aligned_sampling_sees_what_training_sees(stage, guidance):
+    """Greedy sampling of a stage with aligned conditioning, one window, equals the argmax
+    of the training forward (``encoded``: ids + aligned_cond) on the sequence it made."""
+    from cantus.train.data import encoded
+
+    model, lay = aligned_lm(stage)
+    torch.nn.init.normal_(model.cond_embed.weight, std=1.0)  # conditioning that matters
+    rng = np.random.default_rng(3)
+    (tp,) = lay.spec.target
+    frames = lay.frames(tp.field)
+    cond = {"mulan": rng.integers(0, K, (1, 12)).astype(np.uint16),
+            "semantic": rng.integers(0, K, (1, lay.frames("semantic"))).astype(np.uint16),
+            "acoustic": rng.integers(0, K, (1, 4, frames)).astype(np.uint16)}
+    cond = {f: v for f, v in cond.items() if f in {p.field for p in lay.spec.cond}}
+    opts = SampleOptions(temperature=0.0, guidance=guidance)
+    out = sample_frames(model, lay, lambda s, e: cond, frames, opts, 1)
+    tokens = {f: v[0] for f, v in cond.items()}
+    if stage == "fine":
+        tokens["acoustic"] = np.concatenate([tokens["acoustic"], out[0]])
+    elif stage == "coarse":
+        tokens["acoustic"] = np.concatenate([out[0], np.zeros((8, frames), np.uint16)])
+    else:
+        tokens["semantic"] = out[0]
+
+    def logits(drop: bool) -> torch.Tensor:
+        item = encoded(lay, tokens, drop)
+        with torch.no_grad():
+            return model(item["ids"][None, :-1], cond=item["cond"][None, :-1])[0], item
+
+    full, item = logits(False)
+    if guidance != 1.0:
+        full = logits(True)[0] + guidance * (full - logits(True)[0])
+    at = np.flatnonzero(item["target"].numpy()) - 1          # positions that predict targets
+    want = []
+    for j, pos in enumerate(at):
+        lo, hi = lay.block_range(lay.next_block(j))
+        want.append(int(full[pos, lo:hi].argmax()) + lo)
+    assert item["ids"][at + 1].tolist() == want
+    ids = torch.from_numpy(lay.prefix(tokens))[None]
+    with pytest.raises(ValueError, match="aligned conditioning"):
+        sample_ids(model, lay, ids, 4, SampleOptions(), torch.Generator())

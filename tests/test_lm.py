@@ -241,3 +241,67 @@ def test_trainer_takes_each_fields_size_from_the_manifest(tmp_path):
     (folder / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match=rf"semantic tokens outside \[0, {top}\)"):
         run(cfg, "semantic", Inputs(str(folder), str(tmp_path / "ck2")), tmp_path / "out2")
+
+
+def test_aligned_conditioning_gives_each_position_its_next_tokens_frame():
+    k = 8
+    lay = Layout(stage_spec("coarse"), k, 0.08, aligned=True)  # 2 semantic, 4 acoustic frames
+    assert lay.cond_width == 13
+    toks = {"mulan": np.arange(12, dtype=np.uint16) % k, "semantic": np.array([3, 5], np.uint16),
+            "acoustic": np.tile(np.arange(4, dtype=np.uint16), (12, 1))}
+    ids, block, target = lay.encode(toks)
+    cond = lay.aligned_cond(toks)
+    assert cond.shape == (lay.max_len, 13)
+    mulan_ids = ids[:12]
+    first = lay.n_cond - 1                                   # predicts the first target
+    assert (cond[:first] == -1).all() and (cond[first + 16:] == -1).all()
+    sem_ids = ids[12:14]
+    for j in range(16):                                      # 4 frames x 4 levels
+        row = cond[first + j]
+        assert np.array_equal(row[:12], mulan_ids)
+        assert row[12] == sem_ids[(j // 4) // 2]             # 50 Hz frame -> 25 Hz token
+    dropped = lay.aligned_cond(toks, drop_cond=True)
+    assert (dropped[first:first + 16, :12] == lay.null_id).all()
+    assert np.array_equal(dropped[first:first + 16, 12], cond[first:first + 16, 12])
+    fine = Layout(stage_spec("fine"), k, 0.04, aligned=True)  # 2 frames
+    a = np.arange(24, dtype=np.uint16).reshape(12, 2) % k
+    fc = fine.aligned_cond({"acoustic": a})
+    fids = fine.encode({"acoustic": a})[0]
+    for j in range(16):                                      # 2 frames x 8 fine levels
+        frame = j // 8
+        assert np.array_equal(fc[fine.n_cond - 1 + j], fids[frame * 4:frame * 4 + 4])
+    assert Layout(stage_spec("fine"), k, 0.04).cond_width == 0
+
+
+def test_aligned_conditioning_refuses_deduplicated_semantic_conditioning():
+    with pytest.raises(ValueError, match="time-aligned"):
+        Layout(stage_spec("coarse"), K, 1.0, dedup_semantic=True, aligned=True)
+    Layout(stage_spec("semantic"), K, 1.0, dedup_semantic=True, aligned=True)  # MuLan: global
+    cfg = load_lm(ROOT / "params.yaml")
+    from cantus.train.stage import make_layout
+    bad = dataclasses.replace(cfg.coarse, dedup_semantic=True, aligned_cond=True)
+    with pytest.raises(ConfigError, match="lm.coarse.aligned_cond"):
+        make_layout(cfg.tokens, "coarse", bad)
+
+
+def test_model_adds_aligned_conditioning_and_checks_its_shape():
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=64, cond_width=3, **dataclasses.asdict(tiny()))
+    model = Transformer(cfg).eval()
+    ids = torch.randint(0, 60, (2, 5))
+    none = torch.full((2, 5, 3), -1)
+    some = none.clone()
+    some[:, 2] = torch.tensor([4, 7, -1])
+    with torch.no_grad():
+        base = model(ids, cond=none)
+        moved = model(ids, cond=some)
+        plain = Transformer(GPTConfig(vocab_size=64, **dataclasses.asdict(tiny())))
+        plain.load_state_dict({k: v for k, v in model.state_dict().items()
+                               if not k.startswith("cond_embed")})
+        assert torch.allclose(plain.eval()(ids), base, atol=1e-6)  # -1 adds nothing
+    assert torch.allclose(moved[:, :2], base[:, :2], atol=1e-6)    # causal: earlier unchanged
+    assert not torch.allclose(moved[:, 2], base[:, 2])
+    with pytest.raises(ValueError, match=r"int64\[B, T, 3\]"):
+        model(ids)
+    with pytest.raises(ValueError, match="no aligned conditioning"):
+        plain(ids, cond=none)

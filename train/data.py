@@ -3,7 +3,8 @@
 Goes in: a token folder (``cantus.tokens``: ``{split}-NNNNNN.tar`` with
 ``acoustic``/``semantic``/``mulan`` npy members) and a stage ``Layout``.
 Comes out: batches ``{"ids": int64[B, T], "block": int64[B, T], "target":
-bool[B, T], "key": list[str]}`` with ``T = layout.max_len``.
+bool[B, T], "key": list[str]}`` with ``T = layout.max_len`` (and ``"cond":
+int64[B, T, C]`` where the layout has aligned conditioning).
 
 A crop of t seconds takes 25 t semantic and 50 t acoustic frames from the
 same offset (``crop``). ``TokenBatches`` is ``cantus.audio_stream.AudioBatches``
@@ -67,9 +68,19 @@ def encode_item(layout: Layout, key: str, tokens: dict[str, np.ndarray], seed: i
     rng = random.Random(_seed(seed, epoch, key, "crop")) if random_crop else None
     draw = random.Random(_seed(seed, epoch, key, "drop")).random()
     drop = cond_dropout > 0 and draw < cond_dropout
-    ids, block, target = layout.encode(crop(tokens, layout.crop_seconds, rng), drop_cond=drop)
-    return {"ids": torch.from_numpy(ids), "block": torch.from_numpy(block),
-            "target": torch.from_numpy(target), "key": key}
+    return encoded(layout, crop(tokens, layout.crop_seconds, rng), drop, key)
+
+
+def encoded(layout: Layout, tokens: dict[str, np.ndarray], drop: bool, key: str = ""
+            ) -> dict[str, Any]:
+    """One cropped sample as tensors: ids, block, target, and ``cond`` int64[L, C] when the
+    layout has aligned conditioning."""
+    ids, block, target = layout.encode(tokens, drop_cond=drop)
+    out = {"ids": torch.from_numpy(ids), "block": torch.from_numpy(block),
+           "target": torch.from_numpy(target), "key": key}
+    if layout.cond_width:
+        out["cond"] = torch.from_numpy(layout.aligned_cond(tokens, drop_cond=drop))
+    return out
 
 
 class TokenCrops(AudioCrops):
@@ -91,7 +102,8 @@ class TokenCrops(AudioCrops):
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     # Pads sit on the right: cut the columns no sequence of this batch reaches.
     n = max(int((i["block"] >= 0).sum()) for i in items)
-    batch = {k: torch.stack([i[k][:n] for i in items]) for k in ("ids", "block", "target")}
+    keys = ("ids", "block", "target") + (("cond",) if "cond" in items[0] else ())
+    batch = {k: torch.stack([i[k][:n] for i in items]) for k in keys}
     batch["key"] = [i["key"] for i in items]
     if "worker" in items[0]:
         batch["worker"] = items[0]["worker"]

@@ -9,6 +9,14 @@ targets (the loss is taken there only):
     coarse    [M | S | A[0:4]]     p(A[0:4] | S, M)
     fine      [A[0:4] | A[4:12]]   p(A[4:12] | A[0:4])
 
+With ``aligned`` (params ``lm.<stage>.aligned_cond``) each position also
+gets the conditioning of the token it predicts, added to its input
+embedding (``aligned_cond``, int64[L, C]; -1 where none): the MuLan ids
+(global) and the conditioning frame at the same time (coarse: the semantic
+token of that 40 ms; fine: the 4 coarse codes of that frame). The prefix
+stays as it is; the model need not learn to find the aligned prefix
+position by attention, which a few hundred CPU steps do not teach it.
+
 Every (field, level) has its own block of ids, as many as that field's
 codebook holds (``sizes``: K of the acoustic, semantic and MuLan codebooks,
 which may differ: the k-means K and the MuLan RVQ are sized to the data, the
@@ -116,11 +124,19 @@ class Layout:
             the same K for all); every level of a field has that many codes.
         crop_seconds: crop length (sets the part lengths and ``max_len``).
         dedup_semantic: remove consecutive repeated semantic tokens.
+        aligned: give each position the conditioning of the token it predicts
+            (``aligned_cond``); needs time-aligned semantic tokens where they condition.
     """
 
     def __init__(self, spec: StageSpec, sizes: Mapping[str, int] | int, crop_seconds: float,
-                 dedup_semantic: bool = False):
-        self.spec, self.dedup = spec, dedup_semantic
+                 dedup_semantic: bool = False, aligned: bool = False):
+        self.spec, self.dedup, self.aligned = spec, dedup_semantic, aligned
+        if aligned and dedup_semantic and any(p.field == "semantic" for p in spec.cond):
+            raise ValueError(f"{spec.name}: aligned conditioning needs time-aligned semantic "
+                             "tokens (dedup_semantic false)")
+        # aligned ids per position: every level of MuLan and of acoustic, one semantic token
+        self.cond_width = sum(1 if p.field == "semantic" else p.n_levels
+                              for p in spec.cond) if aligned else 0
         self.sizes = check_sizes(sizes)
         self.crop_seconds = crop_seconds
         self.blocks: list[tuple[str, int]] = []   # block b holds ids [offset[b], offset[b + 1])
@@ -211,6 +227,49 @@ class Layout:
                 pid = np.full_like(pid, self.null_id)
             ids.append(pid)
         return np.concatenate(ids)
+
+    def target_cond(self, tokens: dict[str, np.ndarray], n_frames: int,
+                    drop_cond: bool = False) -> np.ndarray:
+        """int64[n_frames * levels, C]: the aligned conditioning ids of each target token of
+        ``n_frames`` target frames (``tokens`` cover those frames; ``drop_cond``: droppable
+        fields are ``null``)."""
+        (tp,) = self.spec.target
+        hz = {"semantic": SEMANTIC_HZ, "acoustic": ACOUSTIC_HZ}
+        frames = np.arange(n_frames)
+        cols = []
+        for p in self.spec.cond:
+            ids, _ = self.part_ids(p, tokens[p.field])
+            if drop_cond and p.field in self.spec.droppable:
+                ids = np.full_like(ids, self.null_id)
+            if p.field == "mulan":
+                cols.append(np.broadcast_to(ids, (n_frames, ids.shape[0])))
+                continue
+            per = ids.reshape(-1, p.n_levels)                  # (frames of the field, levels)
+            at = frames * int(hz[p.field]) // int(hz[tp.field])
+            if n_frames and at[-1] >= per.shape[0]:
+                raise ValueError(f"{p.field} conditioning has {per.shape[0]} frames; "
+                                 f"{n_frames} {tp.field} frames need {at[-1] + 1}")
+            cols.append(per[at])
+        per_frame = np.concatenate(cols, axis=1) if cols else np.zeros((n_frames, 0), np.int64)
+        return np.repeat(per_frame, tp.n_levels, axis=0)
+
+    def cond_positions(self, tc: np.ndarray, n_cond: int, length: int) -> np.ndarray:
+        """int64[length, C]: ``tc`` (``target_cond``) placed at the positions that predict
+        each target token (position i predicts id i + 1; the first target follows the
+        ``n_cond`` conditioning ids); -1 elsewhere."""
+        out = np.full((length, self.cond_width), -1, np.int64)
+        n = max(0, min(tc.shape[0], length - n_cond + 1))
+        out[n_cond - 1:n_cond - 1 + n] = tc[:n]
+        return out
+
+    def aligned_cond(self, tokens: dict[str, np.ndarray], drop_cond: bool = False
+                     ) -> np.ndarray:
+        """int64[max_len, C] of one crop, position by position as ``encode`` lays it out."""
+        n_cond = sum(self.part_ids(p, tokens[p.field])[0].shape[0] for p in self.spec.cond)
+        (tp,) = self.spec.target
+        n_frames = self.part_ids(tp, tokens[tp.field])[0].shape[0] // tp.n_levels
+        return self.cond_positions(self.target_cond(tokens, n_frames, drop_cond), n_cond,
+                                   self.max_len)
 
     def next_block(self, n_generated: int) -> int:
         """Block of the target token generated after ``n_generated`` others (its valid ids

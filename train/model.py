@@ -4,7 +4,8 @@ Goes in: int64[B, T] token ids of one stage's layout (``layout.py``). Comes
 out: hidden states float[B, T, D], or logits float[B, T, V] over the stage's
 whole vocabulary (the embedding is tied to the output head). Pre-norm blocks,
 fused ``scaled_dot_product_attention``, RoPE or T5-style relative position
-bias, and a ``KVCache`` so generation feeds one token at a time:
+bias, optional aligned conditioning (``cond``: ids of another table summed into
+each position's input, ``layout.aligned_cond``), and a ``KVCache`` so generation feeds one token at a time:
 
     model = Transformer(GPTConfig(vocab_size=layout.vocab_size, **asdict(demo())))
     cache = model.new_cache(batch=2, max_len=layout.max_len)
@@ -67,6 +68,7 @@ class GPTConfig(ModelSize):
     vocab_size: int = 0
     rel_buckets: int = 32          # T5 relative bias: buckets and the distance of the last
     rel_max_distance: int = 128
+    cond_width: int = 0            # aligned conditioning ids per position (layout.cond_width)
 
 
 class KVCache:
@@ -169,6 +171,8 @@ class Transformer(nn.Module):
             raise ValueError("GPTConfig.vocab_size must be set (from the stage layout)")
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        if cfg.cond_width:  # the aligned conditioning's own table: a token there means
+            self.cond_embed = nn.Embedding(cfg.vocab_size, cfg.dim)  # "condition on", not "came"
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
         self.norm = nn.LayerNorm(cfg.dim, bias=False)
@@ -204,11 +208,27 @@ class Transformer(nn.Module):
         bias = bias.permute(2, 0, 1).unsqueeze(0)                 # (1, H, T, S)
         return None, bias.masked_fill(rel[None, None] > 0, float("-inf"))
 
-    def hidden(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """int64[B, T] ids -> float[B, T, D] final-normed states (positions follow the cache)."""
+    def _inputs(self, idx: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+        x = self.embed(idx)  # (B, T, D)
+        if not self.cfg.cond_width:
+            if cond is not None:
+                raise ValueError("this model takes no aligned conditioning (cond_width 0)")
+            return x
+        if cond is None or cond.shape != (*idx.shape, self.cfg.cond_width):
+            got = None if cond is None else tuple(cond.shape)
+            raise ValueError(f"aligned conditioning must be int64[B, T, {self.cfg.cond_width}] "
+                             f"for ids of shape {tuple(idx.shape)}, got {got}")
+        keep = (cond >= 0).unsqueeze(-1)                       # -1: no conditioning here
+        return x + (self.cond_embed(cond.clamp(min=0)) * keep).sum(-2).to(x.dtype)
+
+    def hidden(self, idx: torch.Tensor, cache: KVCache | None = None,
+               cond: torch.Tensor | None = None) -> torch.Tensor:
+        """int64[B, T] ids (and their aligned conditioning int64[B, T, C] when the model
+        has ``cond_width`` C) -> float[B, T, D] final-normed states (positions follow the
+        cache)."""
         past = cache.length if cache is not None else 0
         angles, bias = self._positions(idx.shape[1], past, idx.device)
-        x = self.drop(self.embed(idx))  # (B, T, D)
+        x = self.drop(self._inputs(idx, cond))
         for i, block in enumerate(self.blocks):
             x = block(x, i, angles, bias, cache)
         if cache is not None:
@@ -216,10 +236,11 @@ class Transformer(nn.Module):
         return self.norm(x)
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None,
-                head: bool = True) -> torch.Tensor:
+                head: bool = True, cond: torch.Tensor | None = None) -> torch.Tensor:
         """int64[B, T] ids -> float[B, T, V] logits over the whole stage vocabulary
-        (``head=False``: the hidden states float[B, T, D], for a loss over a few blocks)."""
-        h = self.hidden(idx, cache)
+        (``head=False``: the hidden states float[B, T, D], for a loss over a few blocks;
+        ``cond``: aligned conditioning, see ``hidden``)."""
+        h = self.hidden(idx, cache, cond)
         return h @ self.embed.weight.T if head else h
 
     def head_rows(self, lo: int, hi: int) -> torch.Tensor:

@@ -88,7 +88,8 @@ def stage_loss(model: torch.nn.Module, head: torch.Tensor, batch: dict[str, torc
     scored over the K codes of its own block only (``head``: the tied output rows).
     """
     ids, blocks = batch["ids"], batch["block"]
-    h = model(ids[:, :-1], head=False)                         # (B, T-1, D)
+    cond = batch["cond"][:, :-1] if "cond" in batch else None  # (B, T-1, C): aligned
+    h = model(ids[:, :-1], head=False, cond=cond)              # (B, T-1, D)
     mask = batch["target"][:, 1:]
     h, tgt, blk = h[mask], ids[:, 1:][mask], blocks[:, 1:][mask]  # (N, D), (N,), (N,)
     total = h.new_zeros((), dtype=torch.float32)
@@ -107,7 +108,10 @@ def pad_to(batch: dict[str, Any], length: int) -> dict[str, Any]:
     if n >= length:
         return batch
     fill = {"ids": 0, "block": -1, "target": False}
-    return {**batch, **{k: F.pad(batch[k], (0, length - n), value=v) for k, v in fill.items()}}
+    out = {**batch, **{k: F.pad(batch[k], (0, length - n), value=v) for k, v in fill.items()}}
+    if "cond" in batch:
+        out["cond"] = F.pad(batch["cond"], (0, 0, 0, length - n), value=-1)
+    return out
 
 
 def _autocast(device: torch.device, bf16: bool):

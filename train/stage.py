@@ -94,6 +94,7 @@ class StageConfig:
     cond_dropout: float        # probability of replacing MuLan tokens by null (CFG)
     model: ModelSize
     train: TrainConfig
+    aligned_cond: bool = False  # each position also gets its target's conditioning frame
 
     def __post_init__(self):
         _require(self.crop_seconds > 0, "lm.<stage>.crop_seconds", "must be positive")
@@ -131,12 +132,17 @@ def make_layout(tokens: TokensConfig, stage: str, cfg: StageConfig,
     """The stage's layout; ``sizes`` from ``token_sizes`` (None: the paper's 1024 per field,
     for benches on random tokens)."""
     spec = stage_spec(stage, tokens.coarse_levels, tokens.acoustic_levels, tokens.mulan_levels)
-    return Layout(spec, PAPER_SIZES if sizes is None else sizes, cfg.crop_seconds,
-                  cfg.dedup_semantic and "semantic" in spec.fields)
+    dedup = cfg.dedup_semantic and "semantic" in spec.fields
+    if cfg.aligned_cond and dedup and any(p.field == "semantic" for p in spec.cond):
+        raise ConfigError(f"'lm.{stage}.aligned_cond' needs 'lm.{stage}.dedup_semantic' false: "
+                          "deduplicated semantic tokens are not aligned in time")
+    return Layout(spec, PAPER_SIZES if sizes is None else sizes, cfg.crop_seconds, dedup,
+                  cfg.aligned_cond)
 
 
 def build_model(size: ModelSize, layout: Layout) -> Transformer:
-    return Transformer(GPTConfig(**dataclasses.asdict(size), vocab_size=layout.vocab_size))
+    return Transformer(GPTConfig(**dataclasses.asdict(size), vocab_size=layout.vocab_size,
+                                 cond_width=layout.cond_width))
 
 
 def _plain(v: Any) -> Any:
@@ -148,7 +154,7 @@ def save_stage(model: Transformer, layout: Layout, tokens: TokensConfig, folder:
                extra: dict[str, Any] | None = None) -> str:
     """Write a trained stage folder; returns the weights' sha256."""
     info = {"stage": layout.spec.name, "crop_seconds": layout.crop_seconds,
-            "dedup_semantic": layout.dedup, "sizes": layout.sizes,
+            "dedup_semantic": layout.dedup, "aligned": layout.aligned, "sizes": layout.sizes,
             "tokens": {k: _plain(v) for k, v in
                                                       to_dict(tokens).items()}}
     return save_weights(model, folder, model.cfg, extra={"layout": info, **(extra or {})})
@@ -163,7 +169,8 @@ def load_stage(folder: str | Path, device: str = "cpu") -> tuple[Transformer, La
     t = info["tokens"]
     spec = stage_spec(info["stage"], t["coarse_levels"], t["acoustic_levels"], t["mulan_levels"])
     sizes = info.get("sizes") or dict.fromkeys(FIELDS, t["codebook_size"])  # older: one K
-    layout = Layout(spec, sizes, info["crop_seconds"], info["dedup_semantic"])
+    layout = Layout(spec, sizes, info["crop_seconds"], info["dedup_semantic"],
+                    info.get("aligned", False))
     load_weights(model, folder, device=device)
     return model.to(device).eval(), layout
 
