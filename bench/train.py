@@ -95,7 +95,9 @@ def steps_per_s(step, n: int) -> float:
 def cpu_bench(stage: str, rounds: int, steps: int, batch: int | None) -> None:
     cfg = load_lm(ROOT / "params.yaml")
     sc = getattr(cfg, stage)
-    layout = make_layout(cfg.tokens, stage, dataclasses.replace(sc, dedup_semantic=False))
+    # the trunk against the reference: aligned conditioning (one embedding sum) left out
+    layout = make_layout(cfg.tokens, stage, dataclasses.replace(sc, dedup_semantic=False,
+                                                                aligned_cond=False))
     b = batch_of(layout, batch or sc.train.batch_size)
     dev = torch.device("cpu")
     torch.manual_seed(0)
@@ -146,7 +148,7 @@ def gpu_mfu(batch: int, seconds: float, peak_tflops: float, steps: int) -> None:
     """MFU of the paper-size semantic stage in bf16 (6 N flops per token + attention)."""
     cfg = load_lm(ROOT / "params.yaml")
     sc = dataclasses.replace(cfg.semantic, model=paper(), crop_seconds=seconds,
-                             dedup_semantic=False)
+                             dedup_semantic=False, aligned_cond=False)
     layout = make_layout(cfg.tokens, "semantic", sc)
     dev = torch.device("cuda")
     model = build_model(sc.model, layout).to(dev)
