@@ -87,6 +87,11 @@ def stage_spec(name: str, coarse_levels: int = 4, acoustic_levels: int = 12,
     raise ValueError(f"unknown stage {name!r} (one of {', '.join(STAGES)})")
 
 
+def unaligned(spec: StageSpec, dedup_semantic: bool) -> bool:
+    """Deduplicated semantic tokens condition the stage: they are not aligned in time."""
+    return dedup_semantic and any(p.field == "semantic" for p in spec.cond)
+
+
 def dedup(s: np.ndarray) -> np.ndarray:
     """Drop consecutive repeats: [5, 5, 7, 7, 5] -> [5, 7, 5]."""
     if s.size == 0:
@@ -131,7 +136,7 @@ class Layout:
     def __init__(self, spec: StageSpec, sizes: Mapping[str, int] | int, crop_seconds: float,
                  dedup_semantic: bool = False, aligned: bool = False):
         self.spec, self.dedup, self.aligned = spec, dedup_semantic, aligned
-        if aligned and dedup_semantic and any(p.field == "semantic" for p in spec.cond):
+        if aligned and unaligned(spec, dedup_semantic):
             raise ValueError(f"{spec.name}: aligned conditioning needs time-aligned semantic "
                              "tokens (dedup_semantic false)")
         # aligned ids per position: every level of MuLan and of acoustic, one semantic token

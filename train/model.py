@@ -5,7 +5,8 @@ out: hidden states float[B, T, D], or logits float[B, T, V] over the stage's
 whole vocabulary (the embedding is tied to the output head). Pre-norm blocks,
 fused ``scaled_dot_product_attention``, RoPE or T5-style relative position
 bias, optional aligned conditioning (``cond``: ids of another table summed into
-each position's input, ``layout.aligned_cond``), and a ``KVCache`` so generation feeds one token at a time:
+each position's input, ``layout.aligned_cond``), and a ``KVCache`` so generation
+feeds one token at a time:
 
     model = Transformer(GPTConfig(vocab_size=layout.vocab_size, **asdict(demo())))
     cache = model.new_cache(batch=2, max_len=layout.max_len)

@@ -23,7 +23,7 @@ from typing import Any
 from cantus.config import ConfigError, from_dict, read_params, to_dict
 from cantus.training import load_weights, read_config, save_weights
 
-from .layout import FIELDS, PAPER_SIZES, STAGES, Layout, check_sizes, stage_spec
+from .layout import FIELDS, PAPER_SIZES, STAGES, Layout, check_sizes, stage_spec, unaligned
 from .model import GPTConfig, ModelSize, Transformer
 
 
@@ -133,7 +133,7 @@ def make_layout(tokens: TokensConfig, stage: str, cfg: StageConfig,
     for benches on random tokens)."""
     spec = stage_spec(stage, tokens.coarse_levels, tokens.acoustic_levels, tokens.mulan_levels)
     dedup = cfg.dedup_semantic and "semantic" in spec.fields
-    if cfg.aligned_cond and dedup and any(p.field == "semantic" for p in spec.cond):
+    if cfg.aligned_cond and unaligned(spec, dedup):
         raise ConfigError(f"'lm.{stage}.aligned_cond' needs 'lm.{stage}.dedup_semantic' false: "
                           "deduplicated semantic tokens are not aligned in time")
     return Layout(spec, PAPER_SIZES if sizes is None else sizes, cfg.crop_seconds, dedup,
